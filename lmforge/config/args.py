@@ -1,0 +1,219 @@
+"""The option dataclasses. Each field's `help` is the only documentation of that option: `--help`
+and the README's option tables come from here. Names follow LLaMA-Factory where the concept is the
+same, so its users' YAML files run unchanged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import transformers
+
+from lmforge.errors import LmforgeError
+
+STAGES = ("pt", "sft")
+FINETUNING_TYPES = ("lora", "freeze", "full")
+MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _opt(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with its one-line help."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelArguments:
+    """Which model to start from and how to load it."""
+
+    model_name_or_path: str | None = _opt(
+        None, "Local Hugging Face model directory, a .gguf file, or a model alias (see `lmforge models`)."
+    )
+    tokenizer_name_or_path: str | None = _opt(
+        None, "Tokenizer directory when it differs from model_name_or_path (e.g. a from-scratch config)."
+    )
+    adapter_name_or_path: str | None = _opt(
+        None,
+        "LoRA adapter directory to start from; comma-separated for several: all but the last are "
+        "merged into the base, the last keeps training.",
+    )
+    train_from_scratch: bool = _opt(
+        False, "Random weights from the config at model_name_or_path (plus model_config overrides)."
+    )
+    model_config: dict = _opt(
+        {},
+        "Architecture overrides applied to the model config, e.g. {num_hidden_layers: 4, hidden_size: 256}. "
+        "With train_from_scratch and a `model_type` key, no config file is needed.",
+    )
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
+        "auto", "Dtype of the loaded weights: auto (the checkpoint's own), float32, bfloat16, float16."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _opt(
+        "sdpa", "Attention kernel: sdpa (default), eager, or flash_attention_2 (needs flash-attn and a GPU)."
+    )
+    trust_remote_code: bool = _opt(False, "Allow model code shipped in the model directory to run.")
+
+    def __post_init__(self) -> None:
+        if self.model_config is None:
+            self.model_config = {}
+        if not isinstance(self.model_config, dict):
+            raise LmforgeError(
+                f"model_config must be a mapping such as {{num_hidden_layers: 4}}, got {self.model_config!r}"
+            )
+
+
+@dataclass
+class DataArguments:
+    """Which data to train on and how to turn it into token ids."""
+
+    dataset: str | None = _opt(
+        None,
+        "Comma-separated dataset names from dataset_dir/dataset_info.json, or paths to json, jsonl, "
+        "csv, parquet or txt files or folders.",
+    )
+    eval_dataset: str | None = _opt(None, "Datasets for evaluation, in the same form as `dataset`.")
+    dataset_dir: str = _opt("data", "Folder holding dataset_info.json and the files it names.")
+    template: str = _opt(
+        "auto",
+        "Chat template for sft: `auto` renders with the tokenizer's own chat_template; otherwise a "
+        "catalogue name (see `lmforge templates`).",
+    )
+    cutoff_len: int = _opt(
+        2048,
+        "Maximum tokens per example. pt: block length. sft: applies to the whole rendered conversation; "
+        "whole turns are kept from the start and later turns dropped; when even the first turn does not "
+        "fit, its response is cut (never a template marker) or, when the prompt alone does not fit, the "
+        "example is dropped. Both are counted in the summary.",
+    )
+    max_samples: int | None = _opt(None, "Use at most this many rows of each dataset (for quick runs).")
+    val_size: float = _opt(
+        0.0, "Held-out evaluation split: a fraction in (0, 1) or a row count >= 1; split with `seed`."
+    )
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = _opt(
+        "concat",
+        "How several datasets are mixed: concat; interleave_under (stop at the first exhausted); "
+        "interleave_over (oversample until all are exhausted).",
+    )
+    interleave_probs: str | None = _opt(
+        None, "Comma-separated sampling probabilities for interleave_* strategies, one per dataset."
+    )
+    streaming: bool = _opt(False, "Stream the data instead of loading it all (needs max_steps; no cache).")
+    preprocessing_num_workers: int | None = _opt(None, "Processes used to tokenize the data.")
+    overwrite_cache: bool = _opt(False, "Tokenize again even when a cached result exists.")
+    tokenized_path: str | None = _opt(
+        None,
+        "Where `lmforge preprocess` saves the tokenized data; `train` loads it from there when it exists "
+        "(the data options are then ignored).",
+    )
+    train_on_prompt: bool = _opt(False, "sft: take loss on every token, prompt and template included.")
+    mask_history: bool = _opt(False, "sft: take loss only on the last assistant turn of each conversation.")
+
+    def __post_init__(self) -> None:
+        if self.cutoff_len < 2:
+            raise LmforgeError(f"cutoff_len must be at least 2, got {self.cutoff_len}")
+        if self.val_size < 0:
+            raise LmforgeError(f"val_size must be >= 0 (a fraction or a row count), got {self.val_size}")
+        if self.train_on_prompt and self.mask_history:
+            raise LmforgeError("train_on_prompt and mask_history contradict each other: set only one")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise LmforgeError(f"max_samples must be >= 1, got {self.max_samples}")
+
+    @property
+    def interleave_weights(self) -> list[float] | None:
+        if not self.interleave_probs:
+            return None
+        return [float(p) for p in str(self.interleave_probs).split(",")]
+
+
+@dataclass
+class FinetuningArguments:
+    """What is trained: the stage and which parameters learn."""
+
+    stage: Literal["pt", "sft"] = _opt("sft", "Training stage: pt (next-token on raw text) or sft (chat data).")
+    finetuning_type: Literal["lora", "freeze", "full"] = _opt(
+        "lora", "Which weights learn: lora (adapters via peft), freeze (the last layers), full."
+    )
+    lora_rank: int = _opt(8, "LoRA rank r.")
+    lora_alpha: int | None = _opt(None, "LoRA alpha (scaling = alpha / r); default 2 x lora_rank.")
+    lora_dropout: float = _opt(0.0, "Dropout on the LoRA branch.")
+    lora_target: str = _opt(
+        "all", "Comma-separated module names to adapt; `all` = every linear layer but the output head."
+    )
+    additional_target: str | None = _opt(
+        None, "Comma-separated modules trained in full beside LoRA and saved with it (e.g. embed_tokens,lm_head)."
+    )
+    use_dora: bool = _opt(False, "Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = _opt(False, "Rank-stabilised LoRA: scaling = alpha / sqrt(r).")
+    freeze_trainable_layers: int = _opt(
+        2, "freeze: how many transformer blocks train; positive = the last n, negative = the first n."
+    )
+    freeze_trainable_modules: str = _opt(
+        "all", "freeze: comma-separated module names inside the trainable blocks (e.g. mlp,self_attn), or all."
+    )
+    freeze_extra_modules: str | None = _opt(
+        None, "freeze: comma-separated modules outside the blocks that also train (e.g. embed_tokens,norm)."
+    )
+    plot_loss: bool = _opt(True, "Save training_loss.png (and eval_loss.png) in output_dir.")
+
+    def __post_init__(self) -> None:
+        self._reject_foreign_options("lora", ("lora_rank", "lora_alpha", "lora_dropout", "lora_target",
+                                              "additional_target", "use_dora", "use_rslora"))
+        self._reject_foreign_options("freeze", ("freeze_trainable_layers", "freeze_trainable_modules",
+                                                "freeze_extra_modules"))
+        if self.lora_rank < 1:
+            raise LmforgeError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if self.freeze_trainable_layers == 0:
+            raise LmforgeError("freeze_trainable_layers must not be 0: positive = last n blocks, negative = first n")
+
+    def _reject_foreign_options(self, owner: str, names: tuple[str, ...]) -> None:
+        """LoRA options with finetuning_type full (and the like) are almost always a mistake."""
+        if self.finetuning_type == owner:
+            return
+        defaults = {f.name: f.default for f in fields(self)}
+        changed = [n for n in names if getattr(self, n) != defaults[n]]
+        if changed:
+            verb = "applies" if len(changed) == 1 else "apply"
+            raise LmforgeError(
+                f"{', '.join(changed)} {verb} only to finetuning_type: {owner}, but finetuning_type is "
+                f"{self.finetuning_type}: set finetuning_type: {owner} or remove {changed[0]}"
+            )
+
+    @property
+    def effective_lora_alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """transformers.TrainingArguments with lmforge's defaults and LLaMA-Factory's extra names."""
+
+    output_dir: str | None = _opt(None, "Where the model, checkpoints, logs and plots are written.")
+    overwrite_output_dir: bool = _opt(
+        False, "Allow training into a non-empty output_dir (its old checkpoints are not resumed)."
+    )
+    warmup_ratio: float = _opt(0.0, "Fraction of the total steps used for linear warm-up (sets warmup_steps).")
+    logging_steps: float = _opt(10, "Log every n optimizer steps (or a fraction of the total when < 1).")
+    save_steps: float = _opt(500, "Save a checkpoint every n optimizer steps (or a fraction of the total when < 1).")
+
+    def __post_init__(self) -> None:
+        if self.bf16 and self.fp16:
+            raise LmforgeError("bf16 and fp16 are both set: choose one mixed-precision mode")
+        if self.warmup_ratio:
+            if not 0 < self.warmup_ratio < 1:
+                raise LmforgeError(f"warmup_ratio must be in (0, 1), got {self.warmup_ratio}")
+            if self.warmup_steps:
+                raise LmforgeError("warmup_ratio and warmup_steps are both set: choose one")
+            self.warmup_steps = self.warmup_ratio  # transformers reads a float < 1 as a ratio
+        if self.bf16 and not self.use_cpu and not _has_accelerator():
+            self.use_cpu = True  # bf16 autocast on CPU: transformers refuses it unless told
+        try:
+            super().__post_init__()
+        except ValueError as err:
+            raise LmforgeError(f"invalid training option: {err}") from err

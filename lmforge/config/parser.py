@@ -1,0 +1,259 @@
+"""YAML + `--key value` overrides -> the typed option dataclasses, with errors that say what to change."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from lmforge.config.args import DataArguments, FinetuningArguments, ModelArguments, TrainingArguments
+from lmforge.errors import LmforgeError
+
+GROUPS: tuple[type, ...] = (ModelArguments, DataArguments, FinetuningArguments, TrainingArguments)
+# LLaMA-Factory names that mean the same thing as one of ours.
+ALIASES: dict[str, str] = {}
+
+
+@dataclass
+class TrainConfig:
+    """Everything one run needs, plus which keys the user set explicitly."""
+
+    model: ModelArguments
+    data: DataArguments
+    finetuning: FinetuningArguments
+    training: TrainingArguments
+    explicit: dict[str, Any] = field(default_factory=dict)
+    config_path: str | None = None
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def init_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {name: hints.get(name, Any) for name in init_fields(cls)}
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _priority(tp: Any) -> int:
+    order = [bool, int, float, dict, list]
+    base = typing.get_origin(tp) or tp
+    if base in order:
+        return order.index(base)
+    if base is Literal or (isinstance(tp, type) and issubclass(tp, enum.Enum)):
+        return 5
+    return 6 if tp is str else 7
+
+
+def _coerce(value: Any, tp: Any) -> Any:  # noqa: C901 - one branch per type family
+    if tp is Any:
+        return value
+    if _is_union(tp):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        allows_none = len(members) < len(typing.get_args(tp))
+        if value is None or (allows_none and isinstance(value, str) and value.lower() in ("null", "~")):
+            if allows_none:
+                return None
+            raise _Mismatch
+        for member in sorted(members, key=_priority):
+            try:
+                return _coerce(value, member)
+            except (_Mismatch, ValueError, TypeError):
+                continue
+        raise _Mismatch
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, bool):
+            raise _Mismatch
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, (int, str)):
+            return int(value)
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, bool):
+            raise _Mismatch
+        return float(value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _Mismatch
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp(value)
+    if tp is dict or origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if isinstance(value, dict):
+            return value
+        raise _Mismatch
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise _Mismatch
+    return value
+
+
+def describe_type(tp: Any) -> str:
+    """A short human name for a field type, as shown in --help and in errors."""
+    if _is_union(tp):
+        parts = [describe_type(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " | ".join(dict.fromkeys(parts))
+    if typing.get_origin(tp) is Literal:
+        return "{" + ",".join(str(c) for c in typing.get_args(tp)) + "}"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "{" + ",".join(str(m.value) for m in tp) + "}"
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def coerce_option(name: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or say what was expected."""
+    try:
+        return _coerce(value, tp)
+    except (_Mismatch, ValueError, TypeError):
+        raise LmforgeError(
+            f"option '{name}' expects {describe_type(tp)}, got {value!r}: fix it in the YAML or on the command line"
+        ) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise LmforgeError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise LmforgeError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LmforgeError(f"{path}: the config must be a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def split_cli(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """`[CONFIG.yaml] --key value --flag --key=value` -> (config path, {key: raw string})."""
+    config_path = None
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            if config_path is None and i == 0:
+                config_path = arg
+                i += 1
+                continue
+            raise LmforgeError(f"unexpected argument {arg!r}: options are written --key value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value = argv[i + 1]
+                i += 1
+            else:
+                value = "true"
+        overrides[key.replace("-", "_")] = value
+        i += 1
+    return config_path, overrides
+
+
+def all_option_names(groups: tuple[type, ...] = GROUPS) -> dict[str, type]:
+    return {name: cls for cls in groups for name in init_fields(cls)}
+
+
+def _check_unknown(raw: dict[str, Any], known: dict[str, type]) -> None:
+    for key in raw:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+        hint = f": did you mean '{close[0]}'?" if close else ": see `lmforge train --help` for the options"
+        raise LmforgeError(f"unknown option '{key}'{hint}")
+
+
+def build_groups(raw: dict[str, Any], groups: tuple[type, ...] = GROUPS) -> list[Any]:
+    """Instantiate each dataclass from the keys that belong to it (types coerced)."""
+    known = all_option_names(groups)
+    _check_unknown(raw, known)
+    built = []
+    for cls in groups:
+        types_ = field_types(cls)
+        kwargs = {k: coerce_option(k, v, types_[k]) for k, v in raw.items() if known[k] is cls}
+        built.append(cls(**kwargs))
+    return built
+
+
+def merge_sources(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """YAML first, then command-line values override it."""
+    config_path, overrides = split_cli(argv)
+    raw = load_yaml(config_path) if config_path else {}
+    raw.update(overrides)
+    for old, new in ALIASES.items():
+        if old in raw and old != new:
+            raw.setdefault(new, raw.pop(old))
+    return config_path, raw
+
+
+def parse_train_config(argv: list[str]) -> TrainConfig:
+    """Parse `lmforge train` / `preprocess` arguments into a TrainConfig."""
+    config_path, raw = merge_sources(argv)
+    model, data, finetuning, training = build_groups(raw)
+    return TrainConfig(model, data, finetuning, training, explicit=dict(raw), config_path=config_path)
+
+
+def format_help(groups: tuple[type, ...] = GROUPS, width: int = 100) -> str:
+    """Every option with its type, default and help, grouped by dataclass."""
+    lines = []
+    for cls in groups:
+        lines.append(f"\n{cls.__name__}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        types_ = field_types(cls)
+        for name, f in init_fields(cls).items():
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = None
+            default = default.value if isinstance(default, enum.Enum) else default
+            help_text = " ".join(str(f.metadata.get("help", "")).split())
+            lines.append(f"  --{name} {describe_type(types_[name])} (default: {default!r})")
+            if help_text:
+                lines.append(_wrap(help_text, width, indent="      "))
+    return "\n".join(lines)
+
+
+def _wrap(text: str, width: int, indent: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=width, initial_indent=indent, subsequent_indent=indent)

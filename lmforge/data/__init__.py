@@ -1,0 +1,1 @@
+"""Data: the dataset catalogue, file loading, format conversion, templates and tokenization."""

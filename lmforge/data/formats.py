@@ -1,0 +1,179 @@
+"""Convert alpaca, ShareGPT and OpenAI-messages rows to one shape: `_system` + `_messages`.
+
+A conversation is valid when, after an optional system message, turns alternate user, assistant,
+user, ... and every assistant turn has text. Trailing user turns (no target) are dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import datasets
+
+from lmforge.data.catalogue import DatasetSpec
+from lmforge.data.loader import row_location
+from lmforge.errors import LmforgeError
+
+Converter = Callable[[dict[str, Any]], tuple[str, list[dict[str, str]]]]
+
+
+class RowError(ValueError):
+    """A problem with one row; the caller adds the row's location."""
+
+
+def detect_formatting(spec: DatasetSpec, columns: list[str], stage: str) -> str:
+    """The formatting a catalogue entry names, or one guessed from the column names."""
+    if spec.formatting:
+        return spec.formatting
+    if stage == "pt" and "text" in columns:
+        return "text"
+    if "messages" in columns:
+        return "openai"
+    if "conversations" in columns:
+        return "sharegpt"
+    if "instruction" in columns or "output" in columns:
+        return "alpaca"
+    if "text" in columns:
+        return "text"
+    raise LmforgeError(
+        f"dataset '{spec.name}': cannot tell its format from columns {columns}; expected instruction/output "
+        f"(alpaca), conversations (sharegpt), messages (openai) or text; or describe it in dataset_info.json"
+    )
+
+
+def require_columns(spec: DatasetSpec, needed: dict[str, str | None], present: list[str]) -> None:
+    """Every mapped column must exist; say which mapping key to fix."""
+    for key, column in needed.items():
+        if column is not None and column not in present:
+            raise LmforgeError(
+                f"dataset '{spec.name}': column '{column}' (columns.{key}) not found; the file has {present}: "
+                f"fix the `columns` mapping of '{spec.name}' in dataset_info.json"
+            )
+
+
+def _text(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowError(f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def alpaca_converter(spec: DatasetSpec, present: list[str]) -> Converter:
+    cols = {k: spec.column(k) for k in ("prompt", "query", "response", "history", "system")}
+    if cols["history"] is None and "history" in present:
+        cols["history"] = "history"
+    require_columns(spec, cols, present)
+
+    def convert(row: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
+        messages: list[dict[str, str]] = []
+        history = row.get(cols["history"]) if cols["history"] else None
+        for pair in history or []:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise RowError("history must be a list of [user, assistant] pairs")
+            messages += [{"role": "user", "content": _text(pair[0], "history")},
+                         {"role": "assistant", "content": _text(pair[1], "history")}]
+        prompt = _text(row.get(cols["prompt"]), cols["prompt"])
+        query = _text(row.get(cols["query"]), cols["query"]) if cols["query"] else ""
+        user = "\n".join(part for part in (prompt, query) if part)
+        messages += [{"role": "user", "content": user},
+                     {"role": "assistant", "content": _text(row.get(cols["response"]), cols["response"])}]
+        system = _text(row.get(cols["system"]), cols["system"]) if cols["system"] else ""
+        return system, messages
+
+    return convert
+
+
+def sharegpt_converter(spec: DatasetSpec, present: list[str]) -> Converter:
+    column = spec.columns.get("messages", "messages" if spec.formatting == "openai" else "conversations")
+    system_column = spec.column("system")
+    require_columns(spec, {"messages": column, "system": system_column}, present)
+    tag = spec.tag
+    roles = {tag("user_tag"): "user", tag("assistant_tag"): "assistant", tag("system_tag"): "system"}
+    unsupported = {tag("observation_tag"), tag("function_tag")}
+
+    def convert(row: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
+        turns = row.get(column)
+        if not isinstance(turns, list) or not turns:
+            raise RowError(f"'{column}' must be a non-empty list of messages")
+        messages = []
+        for turn in turns:
+            if not isinstance(turn, dict) or tag("role_tag") not in turn or tag("content_tag") not in turn:
+                raise RowError(f"each message needs '{tag('role_tag')}' and '{tag('content_tag')}' keys "
+                               f"(set `tags` in dataset_info.json for other names)")
+            role = turn[tag("role_tag")]
+            if role in unsupported:
+                raise RowError(f"role '{role}' (tool calls) is not supported yet")
+            if role not in roles:
+                raise RowError(f"unknown role '{role}'; known: {', '.join(roles)} (map others with `tags`)")
+            messages.append({"role": roles[role], "content": _text(turn[tag("content_tag")], "message content")})
+        system = _text(row.get(system_column), system_column) if system_column else ""
+        if messages[0]["role"] == "system":
+            system = messages.pop(0)["content"]
+        return system, messages
+
+    return convert
+
+
+def validate_conversation(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Alternating user/assistant turns ending with a non-empty assistant turn."""
+    while messages and messages[-1]["role"] == "user":
+        messages = messages[:-1]
+    if not messages:
+        raise RowError("no assistant turn to learn from")
+    for i, message in enumerate(messages):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise RowError(f"turn {i + 1} is '{message['role']}' but '{expected}' was expected "
+                           f"(turns must alternate user, assistant after an optional system message)")
+        if expected == "assistant" and not message["content"].strip():
+            raise RowError(f"turn {i + 1}: empty assistant message")
+    return messages
+
+
+def to_conversations(ds: datasets.Dataset, spec: DatasetSpec, stage: str, num_proc: int | None = None) -> datasets.Dataset:
+    """Rows -> `_system`, `_messages` (sft) or `_text` (pt)."""
+    present = list(ds.column_names)
+    formatting = detect_formatting(spec, present, stage)
+    if stage == "pt":
+        return _to_text(ds, spec, formatting, present, num_proc)
+    if formatting == "text":
+        raise LmforgeError(f"dataset '{spec.name}' is plain text; stage sft needs alpaca, sharegpt or openai rows")
+    if formatting == "alpaca":
+        convert = alpaca_converter(spec, present)
+    else:
+        spec.formatting = formatting
+        convert = sharegpt_converter(spec, present)
+
+    def apply(row: dict[str, Any], index: int) -> dict[str, Any]:
+        try:
+            system, messages = convert(row)
+            return {"_system": system, "_messages": validate_conversation(messages)}
+        except RowError as err:
+            raise LmforgeError(f"{row_location(spec, index)}: {err}") from None
+
+    return map_rows(ds, apply, with_indices=True, remove_columns=present, num_proc=num_proc,
+                    desc=f"Converting {spec.name}")
+
+
+def _to_text(ds: datasets.Dataset, spec: DatasetSpec, formatting: str, present: list[str], num_proc: int | None) -> datasets.Dataset:
+    column = spec.columns.get("prompt", "text")
+    if formatting != "text" and column not in present:
+        raise LmforgeError(f"dataset '{spec.name}' has no text column for stage pt; map one with columns.prompt")
+    require_columns(spec, {"prompt": column}, present)
+
+    def apply(row: dict[str, Any], index: int) -> dict[str, Any]:
+        value = row.get(column)
+        if value is not None and not isinstance(value, str):
+            raise LmforgeError(f"{row_location(spec, index)}: '{column}' must be a string")
+        return {"_text": value or ""}
+
+    return map_rows(ds, apply, with_indices=True, remove_columns=present, num_proc=num_proc,
+                    desc=f"Reading {spec.name}")
+
+
+def map_rows(ds: Any, fn: Callable, num_proc: int | None = None, desc: str | None = None, **kwargs: Any) -> Any:
+    """`Dataset.map` with a progress bar and workers; streamed datasets take neither."""
+    if isinstance(ds, datasets.IterableDataset):
+        return ds.map(fn, **kwargs)
+    return ds.map(fn, num_proc=num_proc, desc=desc, **kwargs)

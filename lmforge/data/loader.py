@@ -1,0 +1,83 @@
+"""Read a dataset's files with `datasets`; when that fails, find the file and line at fault."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+
+from lmforge.data.catalogue import DatasetSpec
+from lmforge.errors import LmforgeError
+
+
+def load_raw(spec: DatasetSpec, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+    """All rows of a dataset's files, unconverted."""
+    for path in spec.files:
+        if path.stat().st_size == 0:
+            raise LmforgeError(f"{path}: the file is empty (dataset '{spec.name}')")
+    files = [str(p) for p in spec.files]
+    try:
+        ds = datasets.load_dataset(spec.file_type, data_files=files, split="train", streaming=streaming)
+    except Exception as err:  # datasets wraps parser errors in several types; locate the real fault
+        for path in spec.files:
+            locate_bad_line(path, spec.file_type)
+        raise LmforgeError(f"dataset '{spec.name}': could not read {', '.join(files)}: {_first_line(err)}") from None
+    if not streaming and len(ds) == 0:
+        raise LmforgeError(f"dataset '{spec.name}': no rows in {', '.join(files)}")
+    return ds
+
+
+def locate_bad_line(path: Path, file_type: str) -> None:
+    """Raise an error naming `file:line` for the first undecodable or malformed record."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise LmforgeError(f"{path}:{line}: not valid UTF-8 (byte {err.start}); re-save the file as UTF-8") from None
+    if file_type != "json":
+        return
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            raise LmforgeError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise LmforgeError(f"{path}:{number}: malformed JSON line ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise LmforgeError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
+
+
+def row_location(spec: DatasetSpec, index: int) -> str:
+    """`file:line` for row `index` of a single JSON-lines file, else `dataset 'x' row N`."""
+    if len(spec.files) == 1 and spec.file_type == "json":
+        path = spec.files[0]
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            first = handle.read(1)
+            while first.isspace():
+                first = handle.read(1)
+            if first != "[":
+                handle.seek(0)
+                seen = -1
+                for number, line in enumerate(handle, start=1):
+                    if line.strip():
+                        seen += 1
+                        if seen == index:
+                            return f"{path}:{number}"
+    return f"dataset '{spec.name}' row {index + 1}"
+
+
+def _first_line(err: Exception) -> str:
+    cause = err
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    text = str(cause).strip() or type(cause).__name__
+    return text.splitlines()[0][:300]

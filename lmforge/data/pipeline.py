@@ -1,0 +1,224 @@
+"""`get_datasets`: files -> tokenized train/eval datasets, cached by a key over data, options and
+tokenizer, so a second run with the same inputs does not tokenize again."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+import datasets
+
+from lmforge import __version__
+from lmforge.cache import cache_root
+from lmforge.config import DataArguments
+from lmforge.data.catalogue import DatasetSpec, resolve_datasets
+from lmforge.data.formats import map_rows, to_conversations
+from lmforge.data.loader import load_raw
+from lmforge.data.processors import DROPPED, TRUNCATED, MaskPolicy, encode_pt_batch, encode_sft_batch
+from lmforge.data.templates import get_template
+from lmforge.errors import LmforgeError
+
+logger = logging.getLogger(__name__)
+PROCESSING_VERSION = 1  # bump when tokenization output changes, to invalidate caches
+STAT_COLUMNS = ("_status", "_loss_tokens")
+
+
+@dataclass
+class DataSummary:
+    rows: int = 0
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    eval_examples: int = 0
+    source: str = "tokenized"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        share = self.loss_tokens / self.tokens if self.tokens else 0.0
+        return (f"{self.examples} train examples ({self.rows} rows read, {self.truncated} truncated, "
+                f"{self.dropped} dropped by cutoff_len), {self.eval_examples} eval examples, "
+                f"{self.tokens} tokens, {share:.1%} carry loss [{self.source}]")
+
+
+@dataclass
+class PreparedData:
+    train: Any
+    eval: Any | None
+    summary: DataSummary
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
+    for part in (tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token):
+        h.update(repr(part).encode())
+    return h.hexdigest()
+
+
+def cache_key(args: DataArguments, stage: str, seed: int, specs: list[DatasetSpec], tokenizer: Any) -> str:
+    keyed = {
+        "version": [__version__, PROCESSING_VERSION],
+        "stage": stage, "seed": seed,
+        "options": {k: getattr(args, k) for k in ("template", "cutoff_len", "max_samples", "val_size",
+                                                  "mix_strategy", "interleave_probs", "train_on_prompt",
+                                                  "mask_history", "dataset", "eval_dataset")},
+        "files": [[s.name, s.formatting, s.columns, s.tags, s.num_samples,
+                   [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in s.files]] for s in specs],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _load_mixed(names: str | None, args: DataArguments, stage: str, seed: int, num_proc: int | None) -> Any:
+    specs = resolve_datasets(names, args.dataset_dir)
+    if not specs:
+        return None
+    parts = []
+    for spec in specs:
+        ds = load_raw(spec, streaming=args.streaming)
+        limits = [x for x in (args.max_samples, spec.num_samples) if x]
+        if limits:
+            ds = ds.take(min(limits)) if args.streaming else ds.select(range(min(min(limits), len(ds))))
+        parts.append(to_conversations(ds, spec, stage, num_proc))
+    if len(parts) == 1:
+        return parts[0]
+    if args.mix_strategy == "concat":
+        return datasets.concatenate_datasets(parts)
+    probs = args.interleave_weights
+    if probs is not None and len(probs) != len(parts):
+        raise LmforgeError(f"interleave_probs has {len(probs)} values but {len(parts)} datasets are mixed")
+    strategy = "first_exhausted" if args.mix_strategy == "interleave_under" else "all_exhausted"
+    return datasets.interleave_datasets(parts, probabilities=probs, seed=seed, stopping_strategy=strategy)
+
+
+def _split(ds: datasets.Dataset, val_size: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    if not val_size:
+        return ds, None
+    n_eval = int(val_size) if val_size >= 1 else int(val_size * len(ds))
+    if not 1 <= n_eval < len(ds):
+        raise LmforgeError(f"val_size {val_size} leaves no train or no eval rows out of {len(ds)}: change val_size")
+    split = ds.train_test_split(test_size=n_eval, seed=seed)
+    return split["train"], split["test"]
+
+
+def _tokenize(ds: Any, tokenizer: Any, args: DataArguments, stage: str, num_proc: int | None) -> Any:
+    if stage == "pt":
+        fn = partial(encode_pt_batch, tokenizer=tokenizer, block_size=args.cutoff_len)
+    else:
+        template = get_template(args.template, tokenizer)
+        policy = MaskPolicy(args.cutoff_len, args.train_on_prompt, args.mask_history)
+        fn = partial(encode_sft_batch, tokenizer=tokenizer, template=template, policy=policy)
+    columns = ds.column_names
+    return map_rows(ds, fn, batched=True, batch_size=1000, remove_columns=columns, num_proc=num_proc, desc="Tokenizing")
+
+
+def _finish(ds: datasets.Dataset, summary: DataSummary | None) -> datasets.Dataset:
+    """Count truncated/dropped rows and loss tokens, remove dropped rows and the stat columns."""
+    status = ds["_status"]
+    if summary is not None:
+        summary.truncated = sum(1 for s in status if s == TRUNCATED)
+        summary.dropped = sum(1 for s in status if s == DROPPED)
+        summary.loss_tokens = sum(ds["_loss_tokens"])
+    if any(s == DROPPED for s in status):
+        ds = ds.filter(lambda s: s != DROPPED, input_columns="_status", desc="Dropping over-long rows")
+    ds = ds.remove_columns(list(STAT_COLUMNS))
+    if summary is not None:
+        summary.examples = len(ds)
+        summary.tokens = sum(len(x) for x in ds["input_ids"])
+    return ds
+
+
+def build_datasets(args: DataArguments, stage: str, seed: int, tokenizer: Any) -> PreparedData:
+    """Load, convert, mix, split and tokenize (no caching)."""
+    num_proc = args.preprocessing_num_workers
+    raw = _load_mixed(args.dataset, args, stage, seed, num_proc)
+    if raw is None:
+        raise LmforgeError("no dataset given: set `dataset` (names from dataset_info.json or file paths)")
+    raw_eval = _load_mixed(args.eval_dataset, args, stage, seed, num_proc)
+    summary = DataSummary()
+    if args.streaming:
+        train = _tokenize(raw, tokenizer, args, stage, num_proc)
+        train = train.remove_columns(list(STAT_COLUMNS)).filter(lambda ids: len(ids) > 0, input_columns="input_ids")
+        summary.source = "streaming"
+        return PreparedData(train, None, summary)
+    if raw_eval is None:
+        raw, raw_eval = _split(raw, args.val_size, seed)
+    summary.rows = len(raw)
+    train = _finish(_tokenize(raw, tokenizer, args, stage, num_proc), summary)
+    evald = _finish(_tokenize(raw_eval, tokenizer, args, stage, num_proc), None) if raw_eval is not None else None
+    summary.eval_examples = len(evald) if evald is not None else 0
+    if len(train) == 0:
+        raise LmforgeError(f"no training examples left after tokenization ({summary.describe()}): "
+                           f"raise cutoff_len or check the data")
+    return PreparedData(train, evald, summary)
+
+
+def save_prepared(data: PreparedData, path: Path) -> None:
+    """Write atomically: a temporary folder renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        splits = {"train": data.train} | ({"validation": data.eval} if data.eval is not None else {})
+        with _quiet_datasets():
+            datasets.DatasetDict(splits).save_to_disk(str(tmp / "data"))
+        (tmp / "summary.json").write_text(json.dumps(data.summary.__dict__, indent=2))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bar for steps that take milliseconds (saving, loading the cache)."""
+    was_enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def load_prepared(path: Path, source: str) -> PreparedData:
+    if not (path / "data").is_dir():
+        raise LmforgeError(f"{path} is not a tokenized dataset written by `lmforge preprocess`")
+    dd = datasets.load_from_disk(str(path / "data"))
+    summary_file = path / "summary.json"
+    summary = DataSummary(**json.loads(summary_file.read_text())) if summary_file.is_file() else DataSummary()
+    summary.source = source
+    return PreparedData(dd["train"], dd.get("validation"), summary)
+
+
+def get_datasets(args: DataArguments, stage: str, seed: int, tokenizer: Any) -> PreparedData:
+    """Tokenized data for training: from `tokenized_path`, from the cache, or built now."""
+    if args.tokenized_path and (Path(args.tokenized_path) / "data").is_dir():
+        logger.warning("loading tokenized data from %s; data options are ignored", args.tokenized_path)
+        return load_prepared(Path(args.tokenized_path), source=f"loaded from {args.tokenized_path}")
+    if args.streaming:
+        return build_datasets(args, stage, seed, tokenizer)
+    specs = resolve_datasets(args.dataset, args.dataset_dir) + resolve_datasets(args.eval_dataset, args.dataset_dir)
+    cached = cache_root() / "datasets" / cache_key(args, stage, seed, specs, tokenizer)
+    if cached.is_dir() and not args.overwrite_cache:
+        try:
+            return load_prepared(cached, source=f"cache {cached}")
+        except Exception as err:  # a damaged cache entry is rebuilt, never fatal
+            logger.warning("ignoring unreadable cache %s (%s)", cached, err)
+    data = build_datasets(args, stage, seed, tokenizer)
+    save_prepared(data, cached)
+    data = load_prepared(cached, source="tokenized now")  # memory-mapped from the cache
+    if args.tokenized_path:
+        save_prepared(data, Path(args.tokenized_path))
+    return data

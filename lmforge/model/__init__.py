@@ -1,0 +1,1 @@
+"""Model: resolve a name to weights, load tokenizer and model, set up full / freeze / LoRA."""

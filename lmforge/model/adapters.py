@@ -1,0 +1,121 @@
+"""Which parameters learn: full, freeze (chosen blocks/modules) or LoRA through peft."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.config import FinetuningArguments, ModelArguments
+from lmforge.errors import LmforgeError
+
+logger = logging.getLogger(__name__)
+
+
+def split_names(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer blocks (name, module), found by the config's layer count."""
+    count = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return name, module
+    raise LmforgeError(f"cannot find the {count} transformer blocks of {type(model).__name__} for freeze tuning")
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Short names of every linear layer except the output head: what `lora_target: all` adapts."""
+    output = model.get_output_embeddings()
+    names = {name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output}
+    return sorted(names)
+
+
+def _upcast_trainable(model: nn.Module) -> None:
+    """Trainable weights in float32 so the optimizer never updates half-precision weights."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+
+
+def setup_full(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    _upcast_trainable(model)
+    return model
+
+
+def setup_freeze(model: nn.Module, args: FinetuningArguments) -> nn.Module:
+    prefix, layers = decoder_layers(model)
+    n = args.freeze_trainable_layers
+    if abs(n) > len(layers):
+        raise LmforgeError(f"freeze_trainable_layers is {n} but the model has {len(layers)} blocks")
+    chosen = range(len(layers) - n, len(layers)) if n > 0 else range(-n)
+    modules = split_names(args.freeze_trainable_modules)
+    available = sorted({name.split(".")[0] for name, _ in layers[0].named_children()} |
+                       {name.split(".")[-1] for name, _ in layers[0].named_modules() if name})
+    if modules != ["all"]:
+        unknown = [m for m in modules if m not in available]
+        if unknown:
+            raise LmforgeError(f"freeze_trainable_modules: {unknown} not in a block; available: {', '.join(available)}")
+    extra = split_names(args.freeze_extra_modules)
+    for m in extra:
+        if not any(m in name.split(".") for name, _ in model.named_modules()):
+            raise LmforgeError(f"freeze_extra_modules: no module named '{m}' in the model")
+    prefixes = tuple(f"{prefix}.{i}." for i in chosen)
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        in_block = name.startswith(prefixes) and (modules == ["all"] or any(m in parts for m in modules))
+        p.requires_grad_(in_block or any(m in parts for m in extra))
+    _upcast_trainable(model)
+    return model
+
+
+def _load_adapters(model: nn.Module, paths: list[str]) -> nn.Module:
+    """Merge all but the last adapter into the base; the last stays trainable."""
+    from peft import PeftModel
+
+    for path in paths[:-1]:
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    logger.info("continuing training of the adapter in %s (its own LoRA settings apply)", paths[-1])
+    return PeftModel.from_pretrained(model, paths[-1], is_trainable=True)
+
+
+def setup_lora(model: nn.Module, args: FinetuningArguments, model_args: ModelArguments) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    adapters = split_names(model_args.adapter_name_or_path)
+    if adapters:
+        model = _load_adapters(model, adapters)
+    else:
+        available = linear_module_names(model)
+        targets = available if split_names(args.lora_target) == ["all"] else split_names(args.lora_target)
+        unknown = [t for t in targets if t not in available]
+        if unknown:
+            raise LmforgeError(f"lora_target: {unknown} are not linear layers of this model; "
+                               f"available: {', '.join(available)} (or all)")
+        config = LoraConfig(
+            task_type="CAUSAL_LM", r=args.lora_rank, lora_alpha=args.effective_lora_alpha,
+            lora_dropout=args.lora_dropout, target_modules=targets, use_dora=args.use_dora,
+            use_rslora=args.use_rslora, modules_to_save=split_names(args.additional_target) or None,
+        )
+        model = get_peft_model(model, config)
+    _upcast_trainable(model)
+    return model
+
+
+def setup_finetuning(model: nn.Module, args: FinetuningArguments, model_args: ModelArguments,
+                     gradient_checkpointing: bool = False) -> nn.Module:
+    """Mark the parameters that learn according to `finetuning_type`."""
+    if model_args.adapter_name_or_path and args.finetuning_type != "lora":
+        raise LmforgeError("adapter_name_or_path needs finetuning_type: lora")
+    if args.finetuning_type == "full":
+        return setup_full(model)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    if args.finetuning_type == "freeze":
+        return setup_freeze(model, args)
+    return setup_lora(model, args, model_args)

@@ -1,0 +1,175 @@
+"""Resolve `model_name_or_path` (directory, .gguf file or alias) and load tokenizer and model."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lmforge.config import ModelArguments
+from lmforge.cache import cache_root
+from lmforge.errors import LmforgeError
+
+logger = logging.getLogger(__name__)
+ALIASES_PATH = Path(__file__).with_name("aliases.yaml")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@lru_cache(maxsize=1)
+def load_aliases() -> dict[str, dict[str, str]]:
+    return yaml.safe_load(ALIASES_PATH.read_text(encoding="utf-8"))
+
+
+def alias_gguf_path(alias: str) -> Path:
+    """The GGUF file an alias names, found through its package's install location."""
+    entry = load_aliases()[alias]
+    spec = importlib.util.find_spec(entry["package"])  # locates the package without importing it
+    if spec is None or spec.origin is None:
+        raise LmforgeError(f"model alias '{alias}' needs the package {entry['package']}: {entry['install']}")
+    path = Path(spec.origin).parent / entry["file"]
+    if not path.is_file():
+        raise LmforgeError(f"model alias '{alias}': {path} is missing; reinstall with: {entry['install']}")
+    return path
+
+
+def dequantize_gguf(gguf: Path, target: Path) -> Path:
+    """Load a GGUF file with transformers and save it once as a Hugging Face directory."""
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("de-quantizing %s into %s (once; later runs load the cache)", gguf, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as err:
+        raise LmforgeError(f"{gguf}: transformers cannot load this GGUF file ({err})") from None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the weights are plain float32 now
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str | None) -> str:
+    """A local Hugging Face directory for a directory, a .gguf file or an alias."""
+    if not name:
+        raise LmforgeError("model_name_or_path is required: a model directory, a .gguf file or an alias")
+    path = Path(name).expanduser()
+    models_dir = cache_root() / "models"
+    if name in load_aliases():
+        return str(dequantize_gguf(alias_gguf_path(name), models_dir / name))
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        stat = path.stat()
+        tag = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        return str(dequantize_gguf(path, models_dir / f"{path.stem}-{tag}"))
+    if path.is_dir():
+        return str(path)
+    known = ", ".join(load_aliases())
+    raise LmforgeError(
+        f"model '{name}' not found: give a local model directory, a .gguf file or an alias ({known}); "
+        "lmforge does not download from a hub"
+    )
+
+
+def load_tokenizer(args: ModelArguments) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(args.tokenizer_name_or_path or args.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise LmforgeError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LmforgeError(f"the tokenizer in {path} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _torch_dtype(name: str) -> Any:
+    return "auto" if name == "auto" else DTYPES[name]
+
+
+def _check_attention(name: str) -> None:
+    if name == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise LmforgeError("attn_implementation flash_attention_2 needs flash-attn and a CUDA GPU: "
+                               "pip install flash-attn, or use attn_implementation: sdpa")
+
+
+def build_config(args: ModelArguments, tokenizer: Any) -> Any:
+    """The architecture for training from scratch: a config file plus `model_config` overrides."""
+    from transformers import AutoConfig
+
+    overrides = dict(args.model_config)
+    model_type = overrides.pop("model_type", None)
+    if model_type:
+        try:
+            config = AutoConfig.for_model(model_type)
+        except ValueError as err:
+            raise LmforgeError(f"model_config.model_type: {err}") from None
+    else:
+        config = AutoConfig.from_pretrained(resolve_model_path(args.model_name_or_path),
+                                            trust_remote_code=args.trust_remote_code)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise LmforgeError(f"model_config.{key}: {type(config).__name__} has no such field")
+        setattr(config, key, value)
+    config.vocab_size = max(getattr(config, "vocab_size", 0) or 0, len(tokenizer))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(config, name, getattr(tokenizer, name))
+    return config
+
+
+def load_model(args: ModelArguments, tokenizer: Any) -> Any:
+    """Pretrained weights, or random ones for `train_from_scratch`."""
+    from transformers import AutoModelForCausalLM
+
+    _check_attention(args.attn_implementation)
+    common = {"dtype": _torch_dtype(args.torch_dtype), "attn_implementation": args.attn_implementation,
+              "trust_remote_code": args.trust_remote_code}
+    if args.train_from_scratch:
+        config = build_config(args, tokenizer)
+        common["dtype"] = torch.float32 if common["dtype"] == "auto" else common["dtype"]
+        return AutoModelForCausalLM.from_config(config, **common)
+    if args.model_config:
+        raise LmforgeError("model_config overrides the architecture and needs train_from_scratch: true")
+    path = resolve_model_path(args.model_name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **common)
+    except (OSError, ValueError) as err:
+        raise LmforgeError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from None
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(total, trainable). Parameters shared between modules (tied embeddings) count once."""
+    seen, total, trainable = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return total, trainable

@@ -1,0 +1,1 @@
+"""Training recipes: each stage reads like setup -> train -> save -> report."""

@@ -1,0 +1,73 @@
+"""Callbacks: `trainer_log.jsonl` and a progress bar that shows loss and tokens/s."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+LOG_NAME = "trainer_log.jsonl"
+
+
+def read_log(output_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / LOG_NAME
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class JsonlLogCallback(TrainerCallback):
+    """One JSON object per log: step, loss, lr, grad_norm, tokens_per_second, elapsed_s (and eval)."""
+
+    def __init__(self, output_dir: str):
+        self.path = Path(output_dir) / LOG_NAME
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not self.path.is_file():
+            return
+        # Resuming: keep the records up to the checkpoint's step, so no step appears twice.
+        kept = [r for r in read_log(self.path.parent) if r.get("step", 0) <= state.global_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        record: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        renames = {"learning_rate": "lr"}
+        for key, value in logs.items():
+            record[renames.get(key, key)] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class ProgressCallback(TrainerCallback):
+    """A tqdm bar over optimizer steps with the latest loss, tokens/s and learning rate."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="Training", dynamic_ncols=True)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self.bar is None or not logs:
+            return
+        if "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{logs.get('tokens_per_second', 0):.0f}",
+                                 lr=f"{logs.get('learning_rate', 0):.2e}")
+        if "eval_loss" in logs:
+            self.bar.write(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

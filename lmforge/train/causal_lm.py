@@ -1,0 +1,120 @@
+"""The pt and sft recipe: tokenizer -> data -> model -> trainer -> train -> save -> report.
+
+pt and sft differ only in how the data is tokenized (blocks vs. masked conversations); the rest is
+one next-token-loss recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import transformers
+
+from lmforge.config import TrainConfig
+from lmforge.data.collator import PaddingCollator
+from lmforge.data.pipeline import get_datasets
+from lmforge.data.templates import CatalogueTemplate, get_template
+from lmforge.errors import LmforgeError
+from lmforge.model.adapters import setup_finetuning
+from lmforge.model.loader import count_parameters, load_model, load_tokenizer
+from lmforge.train.callbacks import JsonlLogCallback, ProgressCallback
+from lmforge.train.outputs import build_results, plot_losses, write_model_card, write_results
+from lmforge.train.trainer import LmforgeTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """Refuse to train into a non-empty output_dir unless told to overwrite or to resume."""
+    if "output_dir" not in config.explicit:
+        raise LmforgeError("output_dir is required: set output_dir: saves/my-run")
+    out = Path(config.training.output_dir)
+    if out.exists() and not out.is_dir():
+        raise LmforgeError(f"output_dir {out} is a file: choose a folder")
+    busy = out.is_dir() and any(out.iterdir())
+    if busy and not (config.training.overwrite_output_dir or config.training.resume_from_checkpoint):
+        raise LmforgeError(
+            f"output_dir {out} is not empty: choose another output_dir, set overwrite_output_dir: true, "
+            f"or resume with resume_from_checkpoint"
+        )
+
+
+def prepare_tokenizer(config: TrainConfig) -> Any:
+    """The tokenizer; with a catalogue template it carries that template as its chat_template."""
+    tokenizer = load_tokenizer(config.model)
+    if config.finetuning.stage == "sft":
+        template = get_template(config.data.template, tokenizer)
+        if isinstance(template, CatalogueTemplate):
+            tokenizer.chat_template = template.to_jinja()
+    return tokenizer
+
+
+def build_model(config: TrainConfig, tokenizer: Any) -> Any:
+    transformers.set_seed(config.training.seed)  # the same random init for train_from_scratch
+    model = load_model(config.model, tokenizer)
+    model = setup_finetuning(model, config.finetuning, config.model, config.training.gradient_checkpointing)
+    total, trainable = count_parameters(model)
+    logger.info("parameters: %s total, %s trainable (%.4f%%)", f"{total:,}", f"{trainable:,}",
+                   100 * trainable / max(total, 1))
+    return model
+
+
+def _hyperparameters(config: TrainConfig) -> dict[str, Any]:
+    t, f = config.training, config.finetuning
+    chosen = {"cutoff_len": config.data.cutoff_len, "template": config.data.template,
+              "learning_rate": t.learning_rate, "lr_scheduler_type": str(getattr(t.lr_scheduler_type, "value", t.lr_scheduler_type)),
+              "per_device_train_batch_size": t.per_device_train_batch_size,
+              "gradient_accumulation_steps": t.gradient_accumulation_steps,
+              "num_train_epochs": t.num_train_epochs, "max_steps": t.max_steps, "seed": t.seed,
+              "bf16": t.bf16, "fp16": t.fp16}
+    if f.finetuning_type == "lora":
+        chosen |= {"lora_rank": f.lora_rank, "lora_alpha": f.effective_lora_alpha, "lora_target": f.lora_target,
+                   "use_dora": f.use_dora, "use_rslora": f.use_rslora}
+    return chosen
+
+
+def run_causal_lm(config: TrainConfig) -> dict[str, Any]:
+    """Train a causal LM (stage pt or sft) and write every output; returns all_results."""
+    check_output_dir(config)
+    args = config.training
+    tokenizer = prepare_tokenizer(config)
+    data = get_datasets(config.data, config.finetuning.stage, args.seed, tokenizer)
+    logger.info("data: %s", data.summary.describe())
+    if config.data.streaming and args.max_steps <= 0:
+        raise LmforgeError("streaming needs max_steps: the number of rows is unknown in advance")
+    model = build_model(config, tokenizer)
+    trainer = LmforgeTrainer(
+        model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
+        callbacks=[JsonlLogCallback(args.output_dir), ProgressCallback()],
+    )
+    trainer.remove_callback(transformers.trainer_callback.ProgressCallback)
+    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    trainer.save_state()
+    eval_metrics = trainer.evaluate() if data.eval is not None else None
+    total, trainable = count_parameters(model)
+    results = build_results(train_result.metrics, eval_metrics, {
+        "train_examples": data.summary.examples, "train_tokens": data.summary.tokens,
+        "parameters_total": total, "parameters_trainable": trainable})
+    if trainer.is_world_process_zero():
+        _write_reports(config, results)
+    return results
+
+
+def _write_reports(config: TrainConfig, results: dict[str, Any]) -> None:
+    out = config.training.output_dir
+    write_results(out, results)
+    if config.finetuning.plot_loss:
+        plot_losses(out)
+    write_model_card(
+        out, base_model=str(config.model.model_name_or_path), stage=config.finetuning.stage,
+        method=config.finetuning.finetuning_type, datasets=str(config.data.dataset),
+        hyperparameters=_hyperparameters(config), results=results,
+        is_adapter=config.finetuning.finetuning_type == "lora",
+    )
+    logger.info("done: outputs in %s (train_loss %.4f%s)", out, results.get("train_loss", float("nan")),
+                   f", eval_loss {results['eval_loss']:.4f}, perplexity {results['perplexity']:.2f}"
+                   if "eval_loss" in results else "")

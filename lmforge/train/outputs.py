@@ -1,0 +1,110 @@
+"""What a finished run leaves beside the weights: loss plots, all_results.json, a model card."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lmforge import __version__
+from lmforge.train.callbacks import read_log
+
+
+def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average, as TensorBoard draws it."""
+    out, last = [], values[0] if values else 0.0
+    for v in values:
+        last = weight * last + (1 - weight) * v
+        out.append(last)
+    return out
+
+
+def plot_losses(output_dir: str | Path) -> list[Path]:
+    """training_loss.png (and eval_loss.png when there was eval) from trainer_log.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(output_dir)
+    written = []
+    for key, name in (("loss", "training_loss.png"), ("eval_loss", "eval_loss.png")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if not points:
+            continue
+        steps, values = zip(*points)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, values, color="#1f77b4", alpha=0.4 if len(points) > 5 else 1.0, label="original")
+        if len(points) > 5:
+            ax.plot(steps, _smooth(list(values)), color="#1f77b4", label="smoothed")
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(f"{key} of {Path(output_dir).name}")
+        ax.legend()
+        fig.tight_layout()
+        path = Path(output_dir) / name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def build_results(train_metrics: dict[str, Any], eval_metrics: dict[str, Any] | None, extra: dict[str, Any]) -> dict[str, Any]:
+    results = {k: v for k, v in train_metrics.items()}
+    if eval_metrics:
+        results.update(eval_metrics)
+        if "eval_loss" in eval_metrics:
+            results["perplexity"] = math.exp(min(eval_metrics["eval_loss"], 700.0))
+    results.update(extra)
+    return results
+
+
+def write_results(output_dir: str | Path, results: dict[str, Any]) -> Path:
+    path = Path(output_dir) / "all_results.json"
+    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def write_model_card(output_dir: str | Path, *, base_model: str, stage: str, method: str, datasets: str,
+                     hyperparameters: dict[str, Any], results: dict[str, Any], is_adapter: bool) -> Path:
+    """README.md with YAML front matter the Hub understands, then the run's facts."""
+    library = "peft" if is_adapter else "transformers"
+    loader = ("from peft import AutoPeftModelForCausalLM\n"
+              f"model = AutoPeftModelForCausalLM.from_pretrained('{output_dir}')") if is_adapter else (
+              "from transformers import AutoModelForCausalLM\n"
+              f"model = AutoModelForCausalLM.from_pretrained('{output_dir}')")
+    rows = "\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items())
+    result_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(results.items()))
+    text = f"""---
+library_name: {library}
+base_model: {base_model}
+tags: [lmforge, {stage}, {method}]
+---
+# {Path(output_dir).name}
+
+Trained with lmforge {__version__}: stage `{stage}`, fine-tuning `{method}`, from `{base_model}` on `{datasets}`.
+
+## Hyperparameters
+| option | value |
+|---|---|
+{rows}
+
+## Results
+| metric | value |
+|---|---|
+{result_rows}
+
+## Use
+```python
+{loader}
+```
+or `lmforge chat --model_name_or_path {base_model if is_adapter else output_dir}{f' --adapter_name_or_path {output_dir}' if is_adapter else ''}`.
+"""
+    path = Path(output_dir) / "README.md"
+    path.write_text(text)
+    return path
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
