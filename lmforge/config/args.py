@@ -94,7 +94,9 @@ class DataArguments:
     )
     max_samples: int | None = _opt(None, "Use at most this many rows of each dataset (for quick runs).")
     val_size: float = _opt(
-        0.0, "Held-out evaluation split: a fraction in (0, 1) or a row count >= 1; split with `seed`."
+        0.0,
+        "Held-out evaluation split, taken after tokenization with `seed`: a fraction in (0, 1) or a count "
+        ">= 1 of examples (pt: blocks of cutoff_len tokens; sft: conversations).",
     )
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = _opt(
         "concat",

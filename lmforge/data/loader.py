@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import datasets
@@ -16,28 +17,52 @@ def load_raw(spec: DatasetSpec, streaming: bool = False) -> datasets.Dataset | d
     for path in spec.files:
         if path.stat().st_size == 0:
             raise LmforgeError(f"{path}: the file is empty (dataset '{spec.name}')")
+        if spec.file_type != "parquet":
+            check_utf8(path)  # datasets would store invalid bytes and fail much later
     files = [str(p) for p in spec.files]
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()
+    datasets.logging.get_logger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     try:
         ds = datasets.load_dataset(spec.file_type, data_files=files, split="train", streaming=streaming)
     except Exception as err:  # datasets wraps parser errors in several types; locate the real fault
         for path in spec.files:
             locate_bad_line(path, spec.file_type)
         raise LmforgeError(f"dataset '{spec.name}': could not read {', '.join(files)}: {_first_line(err)}") from None
+    finally:
+        datasets.logging.set_verbosity(level)
     if not streaming and len(ds) == 0:
         raise LmforgeError(f"dataset '{spec.name}': no rows in {', '.join(files)}")
     return ds
 
 
+def check_utf8(path: Path, chunk: int = 1 << 24) -> None:
+    """Stream-decode the file; name the line of the first byte that is not UTF-8."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines, offset = 0, 0
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                line = lines + block[: err.start].count(b"\n") + 1
+                raise LmforgeError(f"{path}:{line}: not valid UTF-8 (byte {offset + err.start}); "
+                                   "re-save the file as UTF-8") from None
+            lines += block.count(b"\n")
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise LmforgeError(f"{path}: ends in the middle of a UTF-8 character; re-save the file as UTF-8") from None
+
+
 def locate_bad_line(path: Path, file_type: str) -> None:
     """Raise an error naming `file:line` for the first undecodable or malformed record."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise LmforgeError(f"{path}:{line}: not valid UTF-8 (byte {err.start}); re-save the file as UTF-8") from None
     if file_type != "json":
         return
+    text = path.read_text(encoding="utf-8", errors="replace")
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:

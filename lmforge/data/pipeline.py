@@ -123,8 +123,11 @@ def _tokenize(ds: Any, tokenizer: Any, args: DataArguments, stage: str, num_proc
     return map_rows(ds, fn, batched=True, batch_size=1000, remove_columns=columns, num_proc=num_proc, desc="Tokenizing")
 
 
-def _finish(ds: datasets.Dataset, summary: DataSummary | None) -> datasets.Dataset:
+def _finish(ds: datasets.Dataset, summary: DataSummary | None, what: str) -> datasets.Dataset:
     """Count truncated/dropped rows and loss tokens, remove dropped rows and the stat columns."""
+    if len(ds) == 0 or "_status" not in ds.column_names:
+        raise LmforgeError(f"the {what} data gave no examples: for pt it must hold at least cutoff_len tokens; "
+                           "lower cutoff_len or add data")
     status = ds["_status"]
     if summary is not None:
         summary.truncated = sum(1 for s in status if s == TRUNCATED)
@@ -132,15 +135,11 @@ def _finish(ds: datasets.Dataset, summary: DataSummary | None) -> datasets.Datas
         summary.loss_tokens = sum(ds["_loss_tokens"])
     if any(s == DROPPED for s in status):
         ds = ds.filter(lambda s: s != DROPPED, input_columns="_status", desc="Dropping over-long rows")
-    ds = ds.remove_columns(list(STAT_COLUMNS))
-    if summary is not None:
-        summary.examples = len(ds)
-        summary.tokens = sum(len(x) for x in ds["input_ids"])
-    return ds
+    return ds.remove_columns(list(STAT_COLUMNS))
 
 
 def build_datasets(args: DataArguments, stage: str, seed: int, tokenizer: Any) -> PreparedData:
-    """Load, convert, mix, split and tokenize (no caching)."""
+    """Load, convert, mix, tokenize, then split off val_size examples (no caching)."""
     num_proc = args.preprocessing_num_workers
     raw = _load_mixed(args.dataset, args, stage, seed, num_proc)
     if raw is None:
@@ -152,15 +151,15 @@ def build_datasets(args: DataArguments, stage: str, seed: int, tokenizer: Any) -
         train = train.remove_columns(list(STAT_COLUMNS)).filter(lambda ids: len(ids) > 0, input_columns="input_ids")
         summary.source = "streaming"
         return PreparedData(train, None, summary)
-    if raw_eval is None:
-        raw, raw_eval = _split(raw, args.val_size, seed)
     summary.rows = len(raw)
-    train = _finish(_tokenize(raw, tokenizer, args, stage, num_proc), summary)
-    evald = _finish(_tokenize(raw_eval, tokenizer, args, stage, num_proc), None) if raw_eval is not None else None
+    train = _finish(_tokenize(raw, tokenizer, args, stage, num_proc), summary, "training")
+    if raw_eval is not None:
+        evald = _finish(_tokenize(raw_eval, tokenizer, args, stage, num_proc), None, "eval")
+    else:
+        train, evald = _split(train, args.val_size, seed)  # pt: blocks, sft: conversations
+    summary.examples = len(train)
+    summary.tokens = sum(len(x) for x in train["input_ids"])
     summary.eval_examples = len(evald) if evald is not None else 0
-    if len(train) == 0:
-        raise LmforgeError(f"no training examples left after tokenization ({summary.describe()}): "
-                           f"raise cutoff_len or check the data")
     return PreparedData(train, evald, summary)
 
 

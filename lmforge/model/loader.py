@@ -124,16 +124,19 @@ def build_config(args: ModelArguments, tokenizer: Any) -> Any:
     model_type = overrides.pop("model_type", None)
     if model_type:
         try:
-            config = AutoConfig.for_model(model_type)
+            base = AutoConfig.for_model(model_type)
         except ValueError as err:
             raise LmforgeError(f"model_config.model_type: {err}") from None
     else:
-        config = AutoConfig.from_pretrained(resolve_model_path(args.model_name_or_path),
-                                            trust_remote_code=args.trust_remote_code)
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise LmforgeError(f"model_config.{key}: {type(config).__name__} has no such field")
-        setattr(config, key, value)
+        base = AutoConfig.from_pretrained(resolve_model_path(args.model_name_or_path),
+                                          trust_remote_code=args.trust_remote_code)
+    values = base.to_dict()
+    for key in overrides:
+        if key not in values and not hasattr(base, key):
+            raise LmforgeError(f"model_config.{key}: {type(base).__name__} has no such field")
+    if {"hidden_size", "num_attention_heads"} & overrides.keys() and "head_dim" not in overrides:
+        values.pop("head_dim", None)  # derived from hidden_size / heads: recompute it
+    config = type(base).from_dict({**values, **overrides})
     config.vocab_size = max(getattr(config, "vocab_size", 0) or 0, len(tokenizer))
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(config, name, getattr(tokenizer, name))

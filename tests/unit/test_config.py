@@ -1,0 +1,61 @@
+import dataclasses
+
+import pytest
+
+from lmforge.config import parse_train_config
+from lmforge.config.parser import GROUPS, format_help
+from lmforge.errors import LmforgeError
+
+
+def test_yaml_then_cli_override(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("stage: sft\nlearning_rate: 1e-4\nlora_rank: 16\noutput_dir: out\nbf16: false\n")
+    c = parse_train_config([str(cfg), "--lora_rank", "4", "--num_train_epochs=2", "--logging_steps", "1"])
+    assert c.finetuning.lora_rank == 4  # the command line wins
+    assert c.training.learning_rate == pytest.approx(1e-4)  # YAML 1.1 reads 1e-4 as a string
+    assert c.training.num_train_epochs == 2.0
+    assert c.training.logging_steps == 1
+    assert c.config_path == str(cfg)
+    assert c.explicit["lora_rank"] == "4"
+
+
+def test_flag_without_value_is_true_and_warmup_ratio_maps_to_steps():
+    c = parse_train_config(["--output_dir", "o", "--train_on_prompt", "--warmup_ratio", "0.1"])
+    assert c.data.train_on_prompt is True
+    assert c.training.warmup_steps == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lora_rnak", "4"], "unknown option 'lora_rnak': did you mean 'lora_rank'?"),
+    (["--finetuning_type", "full", "--lora_rank", "4"], "lora_rank applies only to finetuning_type: lora"),
+    (["--finetuning_type", "lora", "--freeze_trainable_layers", "1"], "only to finetuning_type: freeze"),
+    (["--bf16", "--fp16"], "bf16 and fp16 are both set"),
+    (["--lora_rank", "abc"], "option 'lora_rank' expects int, got 'abc'"),
+    (["--stage", "rlhf"], "option 'stage' expects {pt,sft}"),
+    (["--train_on_prompt", "--mask_history"], "contradict"),
+    (["--cutoff_len", "1"], "cutoff_len must be at least 2"),
+    (["--warmup_ratio", "0.1", "--warmup_steps", "5"], "warmup_ratio and warmup_steps are both set"),
+])
+def test_bad_options_name_the_fix(argv, message):
+    with pytest.raises(LmforgeError) as err:
+        parse_train_config(["--output_dir", "o", *argv])
+    assert message in str(err.value)
+
+
+def test_yaml_errors_name_file_and_line(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("stage: sft\nlora_rank: [1\n")
+    with pytest.raises(LmforgeError, match=r"bad.yaml:\d+: invalid YAML"):
+        parse_train_config([str(cfg)])
+    with pytest.raises(LmforgeError, match="config file not found"):
+        parse_train_config([str(tmp_path / "missing.yaml")])
+
+
+def test_help_lists_every_option_with_type_and_default():
+    text = format_help()
+    for cls in GROUPS:
+        for f in dataclasses.fields(cls):
+            if f.init:
+                assert f"--{f.name} " in text, f.name
+    assert "--lora_rank int (default: 8)" in text
+    assert "--template str (default: 'auto')" in text
