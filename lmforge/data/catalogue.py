@@ -23,6 +23,11 @@ OPENAI_TAGS = {
     "observation_tag": "tool", "function_tag": "function_call", "system_tag": "system",
 }
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+# Datasets shipped inside lmforge; a dataset_info.json entry of the same name takes precedence.
+BUILTIN_DIR = Path(__file__).parent
+BUILTIN = {
+    "identity": {"file_name": "identity.json", "formatting": "alpaca", "placeholders": True},
+}
 
 
 @dataclass
@@ -37,6 +42,7 @@ class DatasetSpec:
     columns: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     num_samples: int | None = None
+    placeholders: bool = False  # fill {{name}} / {{author}} from identity_name / identity_author
     origin: str = ""  # where the spec came from, for error messages
 
     def column(self, key: str) -> Any:
@@ -70,6 +76,8 @@ def read_dataset_info(path: Path) -> dict[str, Any]:
 def _resolve_one(name: str, info: dict[str, Any], info_path: Path, dataset_dir: Path) -> DatasetSpec:
     if name in info:
         return _spec_from_info(name, info[name], info_path, dataset_dir)
+    if name in BUILTIN:
+        return _spec_from_info(name, BUILTIN[name], Path("lmforge built-in datasets"), BUILTIN_DIR)
     for candidate in (Path(name), dataset_dir / name):
         if candidate.exists():
             files, file_type = _files_of(candidate, name)
@@ -105,7 +113,8 @@ def _spec_from_info(name: str, entry: Any, info_path: Path, dataset_dir: Path) -
     return DatasetSpec(
         name=name, files=files, file_type=file_type, formatting=formatting,
         ranking=bool(entry.get("ranking", False)), columns=dict(entry.get("columns", {})),
-        tags=dict(entry.get("tags", {})), num_samples=entry.get("num_samples"), origin=where,
+        tags=dict(entry.get("tags", {})), num_samples=entry.get("num_samples"),
+        placeholders=bool(entry.get("placeholders", False)), origin=where,
     )
 
 

@@ -131,8 +131,16 @@ def validate_conversation(messages: list[dict[str, str]]) -> list[dict[str, str]
     return messages
 
 
-def to_conversations(ds: datasets.Dataset, spec: DatasetSpec, stage: str, num_proc: int | None = None) -> datasets.Dataset:
-    """Rows -> `_system`, `_messages` (sft) or `_text` (pt)."""
+def fill_placeholders(text: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", value)
+    return text
+
+
+def to_conversations(ds: datasets.Dataset, spec: DatasetSpec, stage: str, num_proc: int | None = None,
+                     placeholders: dict[str, str] | None = None) -> datasets.Dataset:
+    """Rows -> `_system`, `_messages` (sft) or `_text` (pt); `{{key}}` filled where the spec allows."""
+    values = placeholders if spec.placeholders and placeholders else {}
     present = list(ds.column_names)
     formatting = detect_formatting(spec, present, stage)
     if stage == "pt":
@@ -148,7 +156,8 @@ def to_conversations(ds: datasets.Dataset, spec: DatasetSpec, stage: str, num_pr
     def apply(row: dict[str, Any], index: int) -> dict[str, Any]:
         try:
             system, messages = convert(row)
-            return {"_system": system, "_messages": validate_conversation(messages)}
+            messages = [{"role": m["role"], "content": fill_placeholders(m["content"], values)} for m in messages]
+            return {"_system": fill_placeholders(system, values), "_messages": validate_conversation(messages)}
         except RowError as err:
             raise LmforgeError(f"{row_location(spec, index)}: {err}") from None
 

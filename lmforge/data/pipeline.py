@@ -72,7 +72,8 @@ def cache_key(args: DataArguments, stage: str, seed: int, specs: list[DatasetSpe
         "stage": stage, "seed": seed,
         "options": {k: getattr(args, k) for k in ("template", "cutoff_len", "max_samples", "val_size",
                                                   "mix_strategy", "interleave_probs", "train_on_prompt",
-                                                  "mask_history", "dataset", "eval_dataset")},
+                                                  "mask_history", "dataset", "eval_dataset",
+                                                  "identity_name", "identity_author")},
         "files": [[s.name, s.formatting, s.columns, s.tags, s.num_samples,
                    [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in s.files]] for s in specs],
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -90,7 +91,8 @@ def _load_mixed(names: str | None, args: DataArguments, stage: str, seed: int, n
         limits = [x for x in (args.max_samples, spec.num_samples) if x]
         if limits:
             ds = ds.take(min(limits)) if args.streaming else ds.select(range(min(min(limits), len(ds))))
-        parts.append(to_conversations(ds, spec, stage, num_proc))
+        placeholders = {"name": args.identity_name, "author": args.identity_author}
+        parts.append(to_conversations(ds, spec, stage, num_proc, placeholders))
     if len(parts) == 1:
         return parts[0]
     if args.mix_strategy == "concat":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +18,31 @@ logger = logging.getLogger(__name__)
 
 def split_names(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def adapter_base_model(adapter_dir: str) -> str | None:
+    """The base model an adapter was trained on, as written in its adapter_config.json."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise LmforgeError(f"{adapter_dir} is not a LoRA adapter (no adapter_config.json)")
+    return json.loads(path.read_text()).get("base_model_name_or_path")
+
+
+def record_base_model(adapter_dir: str, name: str) -> None:
+    """Write the name the user gave (an alias stays an alias) as the adapter's base model."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def fill_base_model(model_args: ModelArguments, default: str | None = None) -> None:
+    """Chat and export: without model_name_or_path, use the adapter's base model (else `default`)."""
+    adapters = split_names(model_args.adapter_name_or_path)
+    if not model_args.model_name_or_path:
+        model_args.model_name_or_path = (adapter_base_model(adapters[0]) if adapters else None) or default
+    if adapters and not model_args.tokenizer_name_or_path and (Path(adapters[-1]) / "tokenizer_config.json").is_file():
+        model_args.tokenizer_name_or_path = adapters[-1]  # the adapter's tokenizer carries the trained template
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

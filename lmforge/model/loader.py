@@ -75,6 +75,12 @@ def resolve_model_path(name: str | None) -> str:
     if name in load_aliases():
         return str(dequantize_gguf(alias_gguf_path(name), models_dir / name))
     if path.is_file() and path.suffix.lower() == ".gguf":
+        for alias in load_aliases():  # the same file as an alias shares its de-quantized copy
+            try:
+                if alias_gguf_path(alias).resolve() == path.resolve():
+                    return str(dequantize_gguf(path, models_dir / alias))
+            except LmforgeError:
+                continue
         stat = path.stat()
         tag = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
         return str(dequantize_gguf(path, models_dir / f"{path.stem}-{tag}"))

@@ -17,7 +17,7 @@ from lmforge.data.collator import PaddingCollator
 from lmforge.data.pipeline import get_datasets
 from lmforge.data.templates import CatalogueTemplate, get_template
 from lmforge.errors import LmforgeError
-from lmforge.model.adapters import setup_finetuning
+from lmforge.model.adapters import record_base_model, setup_finetuning
 from lmforge.model.loader import count_parameters, load_model, load_tokenizer
 from lmforge.train.callbacks import JsonlLogCallback, ProgressCallback
 from lmforge.train.outputs import build_results, plot_losses, write_model_card, write_results
@@ -94,6 +94,8 @@ def run_causal_lm(config: TrainConfig) -> dict[str, Any]:
     train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     trainer.save_state()
+    if config.finetuning.finetuning_type == "lora" and trainer.is_world_process_zero():
+        record_base_model(args.output_dir, str(config.model.model_name_or_path))
     eval_metrics = trainer.evaluate() if data.eval is not None else None
     total, trainable = count_parameters(model)
     results = build_results(train_result.metrics, eval_metrics, {

@@ -1,0 +1,97 @@
+"""`lmforge export`: merge LoRA into the base, prove the merge exact on a probe, save safetensors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.config import ExportArguments, ModelArguments
+from lmforge.data.templates import CatalogueTemplate, get_template
+from lmforge.errors import LmforgeError
+from lmforge.model.adapters import adapter_base_model, fill_base_model, split_names
+from lmforge.model.loader import DTYPES, load_model, load_tokenizer, resolve_model_path
+from lmforge.train.outputs import write_model_card
+
+logger = logging.getLogger(__name__)
+PROBE = "The quick brown fox jumps over the lazy dog. 1, 2, 3: lmforge checks the merge."
+
+
+def check_export_dir(path: str | None) -> Path:
+    if not path:
+        raise LmforgeError("export_dir is required: where to write the merged model")
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LmforgeError(f"export_dir {out} is not empty: choose a new folder (nothing was written)")
+    return out
+
+
+def _is_quantized(model: Any) -> bool:
+    return getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+
+
+@torch.inference_mode()
+def probe_logits(model: Any, tokenizer: Any) -> torch.Tensor:
+    ids = tokenizer(PROBE, return_tensors="pt")["input_ids"].to(model.device)
+    return model(input_ids=ids).logits.double()  # (1, T, V)
+
+
+def merge_adapters(model: Any, tokenizer: Any, adapters: list[str], tolerance: float) -> tuple[Any, float]:
+    """Merge every adapter in order; returns the merged model and max |logit difference| on the probe."""
+    from peft import PeftModel
+
+    diff = 0.0
+    for path in adapters:
+        adapter_base_model(path)  # a clear error when the folder is no adapter
+        peft_model = PeftModel.from_pretrained(model, path)
+        expected = probe_logits(peft_model, tokenizer)
+        model = peft_model.merge_and_unload()
+        diff = max(diff, (probe_logits(model, tokenizer) - expected).abs().max().item())
+    if diff > tolerance:
+        raise LmforgeError(f"merged logits differ from base+adapter by {diff:.2e} > {tolerance:.0e}: "
+                           "the merge is wrong; nothing was written")
+    return model, diff
+
+
+def run_export(model_args: ModelArguments, args: ExportArguments) -> dict[str, Any]:
+    out = check_export_dir(args.export_dir)
+    fill_base_model(model_args)
+    adapters = split_names(model_args.adapter_name_or_path)
+    model_args.torch_dtype = "float32"
+    tokenizer = load_tokenizer(model_args)
+    model = load_model(model_args, tokenizer)
+    if _is_quantized(model):
+        raise LmforgeError("cannot merge into a 4/8-bit base: load the base without quantization_bit "
+                           "(de-quantized, e.g. bfloat16) and export again")
+    # Merge and check in float64: in float32 a correct merge of a 30-layer model already differs from
+    # base+adapter by ~1e-4 through rounding, which would hide a wrong merge. Costs 2x float32 memory.
+    model = model.double()
+    model, diff = merge_adapters(model, tokenizer, adapters, args.check_tolerance) if adapters else (model, 0.0)
+    if args.template:
+        template = get_template(args.template, tokenizer)
+        if isinstance(template, CatalogueTemplate):
+            tokenizer.chat_template = template.to_jinja()
+    dtype = _export_dtype(args.export_dtype, model_args)
+    model = model.to(dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size=f"{int(args.export_size * 1000)}MB")
+    tokenizer.save_pretrained(out)
+    result = {"merged_adapters": adapters, "max_abs_logit_diff": diff, "export_dtype": str(dtype).replace("torch.", "")}
+    write_model_card(out, base_model=str(model_args.model_name_or_path), stage="export",
+                     method="merged lora" if adapters else "copy", datasets="see the adapter's card",
+                     hyperparameters={"adapters": ", ".join(adapters) or "none", "export_dtype": result["export_dtype"]},
+                     results={"max_abs_logit_diff": diff}, is_adapter=False)
+    return result
+
+
+def _export_dtype(name: str, model_args: ModelArguments) -> torch.dtype:
+    """export_dtype, or for auto the dtype the base checkpoint was saved in."""
+    if name != "auto":
+        return DTYPES[name]
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model_args.model_name_or_path))
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype

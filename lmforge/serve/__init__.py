@@ -1,0 +1,1 @@
+"""Try a model: generation and the interactive chat."""
