@@ -116,6 +116,13 @@ class DataArguments:
     )
     train_on_prompt: bool = _opt(False, "sft: take loss on every token, prompt and template included.")
     mask_history: bool = _opt(False, "sft: take loss only on the last assistant turn of each conversation.")
+    packing: bool = _opt(
+        False,
+        "Pack examples into rows of cutoff_len tokens (best-fit-decreasing) with no attention across "
+        "examples on any backend and a loss equal to unpacked. sft: whole conversations; pt: whole "
+        "documents (split at cutoff_len) instead of concatenating across document boundaries. "
+        "LLaMA-Factory's neat_packing is accepted as the same option.",
+    )
     identity_name: str = _opt("Forge", "Fills {{name}} in the built-in `identity` dataset: the model's new name.")
     identity_author: str = _opt("lmforge", "Fills {{author}} in the built-in `identity` dataset: who made the model.")
 
@@ -205,6 +212,11 @@ class TrainingArguments(transformers.TrainingArguments):
     warmup_ratio: float = _opt(0.0, "Fraction of the total steps used for linear warm-up (sets warmup_steps).")
     logging_steps: float = _opt(10, "Log every n optimizer steps (or a fraction of the total when < 1).")
     save_steps: float = _opt(500, "Save a checkpoint every n optimizer steps (or a fraction of the total when < 1).")
+    train_sampling_strategy: str = _opt(
+        "group_by_length",
+        "Training sampler: group_by_length (default; batches of similar length, little padding), random, "
+        "sequential or batch_rebalance.",
+    )
 
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:

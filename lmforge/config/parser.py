@@ -21,7 +21,7 @@ GROUPS: tuple[type, ...] = (ModelArguments, DataArguments, FinetuningArguments, 
 CHAT_GROUPS: tuple[type, ...] = (ModelArguments, GenerationArguments)
 EXPORT_GROUPS: tuple[type, ...] = (ModelArguments, ExportArguments)
 # LLaMA-Factory names that mean the same thing as one of ours.
-ALIASES: dict[str, str] = {}
+ALIASES: dict[str, str] = {"neat_packing": "packing", "enable_liger_kernel": "use_liger_kernel"}
 
 
 @dataclass
@@ -223,8 +223,11 @@ def merge_sources(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
     raw = load_yaml(config_path) if config_path else {}
     raw.update(overrides)
     for old, new in ALIASES.items():
-        if old in raw and old != new:
-            raw.setdefault(new, raw.pop(old))
+        if old in raw:
+            value = raw.pop(old)
+            # `packing: false` beside `neat_packing: true` (LLaMA-Factory style) means packing on
+            if new not in raw or str(value).lower() == "true":
+                raw[new] = value
     return config_path, raw
 
 

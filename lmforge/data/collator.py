@@ -1,4 +1,8 @@
-"""Pad a list of tokenized examples into a batch (right padding; labels padded with -100)."""
+"""Batch tokenized examples: right padding, or packed rows with per-example attention isolation.
+
+Every batch also carries `num_real_tokens`, `num_positions` and `num_rows` (plain ints, removed by the trainer
+before the forward pass) so throughput and padding are measured on what the model really computed.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +13,104 @@ import torch
 
 from lmforge.data.processors import IGNORE_INDEX
 
+COUNT_KEYS = ("num_real_tokens", "num_positions", "num_rows")
+
+
+def segment_ids(lengths: list[list[int]], width: int) -> torch.Tensor:
+    """(B, T) id of the example each position belongs to; padding is one more segment of its own."""
+    seg = torch.empty(len(lengths), width, dtype=torch.long)
+    for row, parts in enumerate(lengths):
+        ids = torch.repeat_interleave(torch.arange(len(parts)), torch.tensor(parts, dtype=torch.long))
+        seg[row, : len(ids)] = ids
+        seg[row, len(ids):] = len(parts)
+    return seg
+
+
+def block_causal_mask(seg: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool, True where query i may attend key j: same segment and j <= i.
+
+    Padding positions form their own causal segment, so no query row is fully masked (which would
+    give NaN under sdpa).
+    """
+    width = seg.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()  # (T, T)
+    same = seg[:, :, None] == seg[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """eager attention adds the mask to the scores: 0 where allowed, the dtype's minimum elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def position_ids_for(lengths: list[list[int]], width: int) -> torch.Tensor:
+    pos = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, parts in enumerate(lengths):
+        ids = torch.cat([torch.arange(n) for n in parts])
+        pos[row, : len(ids)] = ids
+        pos[row, len(ids):] = torch.arange(width - len(ids))
+    return pos
+
+
+def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
 
 @dataclass
 class PaddingCollator:
+    """Unpacked examples: right padding with a 2-D attention mask."""
+
     pad_token_id: int
     pad_to_multiple_of: int | None = None
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = {
-            "input_ids": torch.full((len(features), longest), self.pad_token_id, dtype=torch.long),  # (B, T)
-            "attention_mask": torch.zeros((len(features), longest), dtype=torch.long),
-            "labels": torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long),
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = [f["input_ids"] for f in features]
+        mask = _pad([[1] * len(x) for x in ids], width, 0)
+        return {
+            "input_ids": _pad(ids, width, self.pad_token_id),  # (B, T)
+            "attention_mask": mask,
+            "labels": _pad([f["labels"] for f in features], width, IGNORE_INDEX),
+            "num_real_tokens": int(mask.sum()), "num_positions": mask.numel(), "num_rows": len(features),
         }
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            batch["input_ids"][row, :n] = torch.as_tensor(f["input_ids"])
-            batch["attention_mask"][row, :n] = 1
-            batch["labels"][row, :n] = torch.as_tensor(f["labels"])
-        return batch
+
+
+@dataclass
+class PackedCollator:
+    """Packed rows (`lengths` per row) with examples isolated on every attention backend.
+
+    flash_attention_2: all rows flattened into one (1, N) row with per-example position_ids, which
+    transformers turns into variable-length (cu_seqlens) attention. sdpa: a boolean block-diagonal
+    causal mask. eager: the same mask as additive floats (eager adds the mask to the scores, so a
+    boolean one would be wrong).
+    """
+
+    pad_token_id: int
+    attn_implementation: str = "sdpa"
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        lengths = [list(f["lengths"]) for f in features]
+        real = sum(sum(parts) for parts in lengths)
+        if self.attn_implementation.startswith("flash"):
+            flat = [[t for f in features for t in f["input_ids"]]]
+            return {
+                "input_ids": _pad(flat, real, self.pad_token_id),  # (1, N)
+                "labels": _pad([[t for f in features for t in f["labels"]]], real, IGNORE_INDEX),
+                "position_ids": position_ids_for([[n for parts in lengths for n in parts]], real),
+                "num_real_tokens": real, "num_positions": real, "num_rows": len(features),
+            }
+        width = max(len(f["input_ids"]) for f in features)
+        allowed = block_causal_mask(segment_ids(lengths, width))
+        mask = allowed if self.attn_implementation == "sdpa" else additive_mask(allowed)
+        return {
+            "input_ids": _pad([f["input_ids"] for f in features], width, self.pad_token_id),  # (B, T)
+            "labels": _pad([f["labels"] for f in features], width, IGNORE_INDEX),
+            "position_ids": position_ids_for(lengths, width),
+            "attention_mask": mask,  # (B, 1, T, T)
+            "num_real_tokens": real, "num_positions": len(features) * width, "num_rows": len(features),
+        }

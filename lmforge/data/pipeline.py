@@ -22,12 +22,14 @@ from lmforge.config import DataArguments
 from lmforge.data.catalogue import DatasetSpec, resolve_datasets
 from lmforge.data.formats import map_rows, to_conversations
 from lmforge.data.loader import load_raw
-from lmforge.data.processors import DROPPED, TRUNCATED, MaskPolicy, encode_pt_batch, encode_sft_batch
+from lmforge.data.packing import pack_dataset
+from lmforge.data.processors import (DROPPED, TRUNCATED, MaskPolicy, encode_pt_batch, encode_pt_documents,
+                                     encode_sft_batch)
 from lmforge.data.templates import get_template
 from lmforge.errors import LmforgeError
 
 logger = logging.getLogger(__name__)
-PROCESSING_VERSION = 1  # bump when tokenization output changes, to invalidate caches
+PROCESSING_VERSION = 2  # bump when tokenization output changes, to invalidate caches
 STAT_COLUMNS = ("_status", "_loss_tokens")
 
 
@@ -45,9 +47,11 @@ class DataSummary:
 
     def describe(self) -> str:
         share = self.loss_tokens / self.tokens if self.tokens else 0.0
+        packed = (f", packed into {self.extra['packed_rows']} rows at {self.extra['packing_efficiency']:.1%} "
+                  "efficiency" if "packing_efficiency" in self.extra else "")
         return (f"{self.examples} train examples ({self.rows} rows read, {self.truncated} truncated, "
                 f"{self.dropped} dropped by cutoff_len), {self.eval_examples} eval examples, "
-                f"{self.tokens} tokens, {share:.1%} carry loss [{self.source}]")
+                f"{self.tokens} tokens, {share:.1%} carry loss{packed} [{self.source}]")
 
 
 @dataclass
@@ -73,7 +77,7 @@ def cache_key(args: DataArguments, stage: str, seed: int, specs: list[DatasetSpe
         "options": {k: getattr(args, k) for k in ("template", "cutoff_len", "max_samples", "val_size",
                                                   "mix_strategy", "interleave_probs", "train_on_prompt",
                                                   "mask_history", "dataset", "eval_dataset",
-                                                  "identity_name", "identity_author")},
+                                                  "identity_name", "identity_author", "packing")},
         "files": [[s.name, s.formatting, s.columns, s.tags, s.num_samples,
                    [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in s.files]] for s in specs],
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -116,7 +120,8 @@ def _split(ds: datasets.Dataset, val_size: float, seed: int) -> tuple[datasets.D
 
 def _tokenize(ds: Any, tokenizer: Any, args: DataArguments, stage: str, num_proc: int | None) -> Any:
     if stage == "pt":
-        fn = partial(encode_pt_batch, tokenizer=tokenizer, block_size=args.cutoff_len)
+        encode = encode_pt_documents if args.packing else encode_pt_batch
+        fn = partial(encode, tokenizer=tokenizer, block_size=args.cutoff_len)
     else:
         template = get_template(args.template, tokenizer)
         policy = MaskPolicy(args.cutoff_len, args.train_on_prompt, args.mask_history)
@@ -162,7 +167,24 @@ def build_datasets(args: DataArguments, stage: str, seed: int, tokenizer: Any) -
     summary.examples = len(train)
     summary.tokens = sum(len(x) for x in train["input_ids"])
     summary.eval_examples = len(evald) if evald is not None else 0
+    if args.packing:
+        train, efficiency = pack_dataset(train, args.cutoff_len, seed)
+        evald = pack_dataset(evald, args.cutoff_len, seed)[0] if evald is not None else None
+        summary.extra["packing_efficiency"] = round(efficiency, 4)
+        summary.extra["packed_rows"] = len(train)
     return PreparedData(train, evald, summary)
+
+
+def with_length_column(ds: datasets.Dataset) -> datasets.Dataset:
+    """A `length` column (computed by pyarrow), so the group_by_length sampler need not scan the data."""
+    import pyarrow.compute as pc
+
+    if "length" in ds.column_names:
+        return ds
+    with _quiet_datasets():
+        return ds.with_format("arrow").map(
+            lambda t: t.append_column("length", pc.list_value_length(t["input_ids"])), batched=True,
+            batch_size=10_000).with_format(None)
 
 
 def save_prepared(data: PreparedData, path: Path) -> None:

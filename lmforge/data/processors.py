@@ -107,3 +107,17 @@ def encode_pt_batch(batch: dict[str, list[Any]], tokenizer: Any, block_size: int
     out["_status"] = [KEPT] * len(blocks)
     out["_loss_tokens"] = [block_size] * len(blocks)
     return out
+
+
+def encode_pt_documents(batch: dict[str, list[Any]], tokenizer: Any, block_size: int) -> dict[str, list[Any]]:
+    """Batched map for pt with packing: BOS doc EOS per document, split into pieces of at most
+    `block_size` tokens; documents are never joined here (packing isolates them later)."""
+    enc = tokenizer([t for t in batch["_text"] if t], add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pieces = []
+    for doc in enc:
+        ids = [*bos, *doc, *eos]
+        pieces += [ids[i:i + block_size] for i in range(0, len(ids), block_size) if len(ids[i:i + block_size]) > 1]
+    return {"input_ids": pieces, "attention_mask": [[1] * len(p) for p in pieces], "labels": pieces,
+            "_status": [KEPT] * len(pieces), "_loss_tokens": [len(p) for p in pieces]}

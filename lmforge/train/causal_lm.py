@@ -13,8 +13,8 @@ from typing import Any
 import transformers
 
 from lmforge.config import TrainConfig
-from lmforge.data.collator import PaddingCollator
-from lmforge.data.pipeline import get_datasets
+from lmforge.data.collator import PackedCollator, PaddingCollator
+from lmforge.data.pipeline import get_datasets, with_length_column
 from lmforge.data.templates import CatalogueTemplate, get_template
 from lmforge.errors import LmforgeError
 from lmforge.model.adapters import record_base_model, setup_finetuning
@@ -85,10 +85,16 @@ def run_causal_lm(config: TrainConfig) -> dict[str, Any]:
     if config.data.streaming and args.max_steps <= 0:
         raise LmforgeError("streaming needs max_steps: the number of rows is unknown in advance")
     model = build_model(config, tokenizer)
+    packed = "lengths" in data.train.column_names
+    collator = (PackedCollator(tokenizer.pad_token_id, config.model.attn_implementation) if packed
+                else PaddingCollator(tokenizer.pad_token_id))
+    args.remove_unused_columns = False  # the collators take what they need (`lengths` included)
+    if args.train_sampling_strategy == "group_by_length" and not config.data.streaming:
+        data.train = with_length_column(data.train)
     trainer = LmforgeTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-        data_collator=PaddingCollator(tokenizer.pad_token_id),
-        callbacks=[JsonlLogCallback(args.output_dir), ProgressCallback()],
+        data_collator=collator, callbacks=[JsonlLogCallback(args.output_dir), ProgressCallback()],
+        pack_size=config.data.cutoff_len if packed else None,
     )
     trainer.remove_callback(transformers.trainer_callback.ProgressCallback)
     train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

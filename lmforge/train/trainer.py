@@ -1,4 +1,4 @@
-"""`transformers.Trainer` plus real-token throughput in every training log."""
+"""`transformers.Trainer` plus real-token throughput, padding and packing figures in every log."""
 
 from __future__ import annotations
 
@@ -8,35 +8,52 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from lmforge.data.collator import COUNT_KEYS
+
 
 class LmforgeTrainer(Trainer):
-    """Counts the non-padding tokens each optimizer step sees and logs tokens/s and elapsed time.
+    """Counts the tokens each optimizer step really computes and logs, per logging step:
+    tokens_per_second (non-padding tokens), padding_fraction, packing_efficiency (packed runs), elapsed_s.
 
     Loss normalisation is the Trainer's own: with `num_items_in_batch` the loss is the mean over all
     loss tokens of the optimizer step, so gradient accumulation equals one larger batch.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, pack_size: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._real_tokens = 0
-        self._last_log = (time.perf_counter(), 0)
+        self.pack_size = pack_size
+        self._counts = {"real": 0, "positions": 0, "rows": 0}
+        self._last_log = (time.perf_counter(), dict(self._counts))
         self._start = time.perf_counter()
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         self._start = time.perf_counter()
-        self._last_log = (self._start, self._real_tokens)
+        self._last_log = (self._start, dict(self._counts))
         return super().train(*args, **kwargs)
 
-    def training_step(self, model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None) -> torch.Tensor:
-        mask = inputs.get("attention_mask")
-        self._real_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        counts = {k: inputs.pop(k, None) for k in COUNT_KEYS}
+        self._counts["real"] += counts["num_real_tokens"] or inputs["input_ids"].numel()
+        self._counts["positions"] += counts["num_positions"] or inputs["input_ids"].numel()
+        self._counts["rows"] += counts["num_rows"] or inputs["input_ids"].shape[0]
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        for key in COUNT_KEYS:
+            inputs.pop(key, None)
+        return super().prediction_step(model, inputs, *args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             now = time.perf_counter()
-            since, tokens = self._last_log
-            logs["tokens_per_second"] = round((self._real_tokens - tokens) / max(now - since, 1e-9), 1)
+            since, before = self._last_log
+            real = self._counts["real"] - before["real"]
+            positions = self._counts["positions"] - before["positions"]
+            logs["tokens_per_second"] = round(real / max(now - since, 1e-9), 1)
+            logs["padding_fraction"] = round(1 - real / positions, 4) if positions else 0.0
+            rows = self._counts["rows"] - before["rows"]
+            if self.pack_size and rows:
+                logs["packing_efficiency"] = round(real / (rows * self.pack_size), 4)
             logs["elapsed_s"] = round(now - self._start, 2)
-            self._last_log = (now, self._real_tokens)
+            self._last_log = (now, dict(self._counts))
         super().log(logs, start_time)

@@ -1,0 +1,102 @@
+"""Packing: best-fit-decreasing bins, and packed logits/loss equal to the examples run one by one."""
+
+import random
+
+import pytest
+import torch
+
+from lmforge.data.collator import COUNT_KEYS, PackedCollator, block_causal_mask, segment_ids
+from lmforge.data.packing import best_fit_decreasing
+from lmforge.data.processors import IGNORE_INDEX
+
+
+def test_best_fit_decreasing_fills_bins_without_overflow():
+    rng = random.Random(0)
+    lengths = [rng.choice([3, 5, 8, 13, 40, 90, 100]) for _ in range(300)]
+    bins = best_fit_decreasing(lengths, 100)
+    assert sorted(i for b in bins for i in b) == list(range(300))
+    assert all(sum(lengths[i] for i in b) <= 100 for b in bins)
+    lower_bound = -(-sum(lengths) // 100)
+    assert len(bins) <= lower_bound + 2, (len(bins), lower_bound)
+    assert best_fit_decreasing([60, 50, 40, 30, 20], 100) == [[0, 2], [1, 3, 4]]
+
+
+def make_examples(seed=0, sizes=(7, 12, 5, 9, 3, 14)):
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for n in sizes:
+        ids = torch.randint(3, 250, (n,), generator=g).tolist()
+        labels = [IGNORE_INDEX if i < n // 3 else t for i, t in enumerate(ids)]  # a masked "prompt"
+        examples.append((ids, labels))
+    return examples
+
+
+def packed_features(examples, rows):
+    return [{"input_ids": sum((examples[i][0] for i in r), []),
+             "labels": sum(([IGNORE_INDEX] + examples[i][1][1:] for i in r), []),
+             "lengths": [len(examples[i][0]) for i in r]} for r in rows]
+
+
+def tiny(arch, impl):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(arch, vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=torch.float32).eval()
+
+
+ROWS = [[0, 1, 4], [2, 3], [5]]  # uneven rows: the collator pads the shorter ones
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_logits_and_loss_equal_one_by_one(arch, impl):
+    model, examples = tiny(arch, impl), make_examples()
+    batch = PackedCollator(0, impl)(packed_features(examples, ROWS))
+    assert batch["num_real_tokens"] == sum(len(e[0]) for e in examples)
+    for key in COUNT_KEYS:
+        batch.pop(key)
+    with torch.no_grad():
+        out = model(**batch)
+        total_loss, total_tokens = 0.0, 0
+        for r, row in enumerate(ROWS):
+            offset = 0
+            for i in row:
+                ids, labels = examples[i]
+                single = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+                got = out.logits[r, offset:offset + len(ids)]
+                assert (got - single.logits[0]).abs().max().item() <= 1e-5, (arch, impl, i)
+                n = sum(1 for t in labels[1:] if t != IGNORE_INDEX)
+                total_loss += single.loss.item() * n
+                total_tokens += n
+                offset += len(ids)
+    assert out.loss.item() == pytest.approx(total_loss / total_tokens, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_pitfalls_are_real(arch):
+    """position_ids alone, or a boolean mask under eager, let examples see each other."""
+    examples = make_examples(sizes=(9, 11))
+    features = packed_features(examples, [[0, 1]])
+    ids, lengths = torch.tensor([features[0]["input_ids"]]), features[0]["lengths"]
+    with torch.no_grad():
+        for impl in ("sdpa", "eager"):
+            model = tiny(arch, impl)
+            reference = model(input_ids=torch.tensor([examples[1][0]])).logits[0]
+            batch = PackedCollator(0, impl)(features)
+            second = slice(lengths[0], sum(lengths))
+            positions_only = model(input_ids=ids, position_ids=batch["position_ids"]).logits[0, second]
+            assert (positions_only - reference).abs().max() > 1e-2
+            if impl == "eager":
+                boolean = block_causal_mask(segment_ids([lengths], ids.shape[1]))
+                wrong = model(input_ids=ids, position_ids=batch["position_ids"], attention_mask=boolean).logits[0, second]
+                assert (wrong - reference).abs().max() > 1e-2
+
+
+def test_flash_layout_is_one_flat_row_with_restarting_positions():
+    batch = PackedCollator(0, "flash_attention_2")(packed_features(make_examples(), ROWS))
+    n = sum(len(e[0]) for e in make_examples())
+    assert batch["input_ids"].shape == (1, n) and "attention_mask" not in batch
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert len(starts) == 6 and starts[0] == 0
