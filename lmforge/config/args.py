@@ -212,6 +212,12 @@ class TrainingArguments(transformers.TrainingArguments):
     warmup_ratio: float = _opt(0.0, "Fraction of the total steps used for linear warm-up (sets warmup_steps).")
     logging_steps: float = _opt(10, "Log every n optimizer steps (or a fraction of the total when < 1).")
     save_steps: float = _opt(500, "Save a checkpoint every n optimizer steps (or a fraction of the total when < 1).")
+    loss_chunking: Literal["auto", "on", "off"] = _opt(
+        "auto",
+        "Compute the loss from the output head's input in chunks, only at loss positions, never "
+        "materialising [batch, seq, vocab] logits (training only). auto: on when the vocabulary has "
+        ">= 32k tokens and the head is a plain linear layer; off with use_liger_kernel (Liger fuses it).",
+    )
     train_sampling_strategy: str = _opt(
         "group_by_length",
         "Training sampler: group_by_length (default; batches of similar length, little padding), random, "

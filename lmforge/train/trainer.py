@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -9,6 +10,10 @@ import torch
 from transformers import Trainer
 
 from lmforge.data.collator import COUNT_KEYS
+from lmforge.train.loss import capture_head_input, chunkable_head, linear_cross_entropy
+
+LARGE_VOCAB = 32_000
+logger = logging.getLogger(__name__)
 
 
 class LmforgeTrainer(Trainer):
@@ -22,9 +27,34 @@ class LmforgeTrainer(Trainer):
     def __init__(self, *args: Any, pack_size: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.pack_size = pack_size
+        self.loss_head = self._choose_loss_head()
         self._counts = {"real": 0, "positions": 0, "rows": 0}
         self._last_log = (time.perf_counter(), dict(self._counts))
         self._start = time.perf_counter()
+
+    def _choose_loss_head(self) -> Any:
+        """The head for chunked loss, or None for the model's own loss (see `loss_chunking`)."""
+        mode = getattr(self.args, "loss_chunking", "off")
+        if mode == "off" or self.args.use_liger_kernel or not self.model_accepts_loss_kwargs:
+            return None
+        head = chunkable_head(self.model)
+        if head is None or (mode == "auto" and head.weight.shape[0] < LARGE_VOCAB):
+            return None
+        logger.info("loss: chunked linear cross-entropy (no [batch, seq, %d] logits)", head.weight.shape[0])
+        return head
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        if self.loss_head is None or not model.training or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        with capture_head_input(self.loss_head) as captured:
+            outputs = model(**inputs, use_cache=False)
+        loss = linear_cross_entropy(captured["hidden"], self.loss_head, labels, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # as Trainer.compute_loss: the gradient all-reduce averages, the token count was summed
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return (loss, outputs) if return_outputs else loss
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         self._start = time.perf_counter()

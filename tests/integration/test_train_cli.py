@@ -74,6 +74,17 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path, tiny_llama_dir):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
+def test_chunked_loss_trains_exactly_like_the_plain_loss(tmp_path, tiny_llama_dir, caplog):
+    common = ["--model_name_or_path", str(tiny_llama_dir), "--dataset", "alpaca_demo", "--max_samples", "8",
+              "--finetuning_type", "full", "--max_steps", "2", "--optim", "sgd", "--learning_rate", "1.0",
+              "--lr_scheduler_type", "constant", "--max_grad_norm", "0", "--per_device_train_batch_size", "4"]
+    with caplog.at_level("INFO", logger="lmforge"):
+        a = _weights(train(tmp_path, *common, "--loss_chunking", "on", name="chunked"))
+    assert "chunked linear cross-entropy" in caplog.text
+    b = _weights(train(tmp_path, *common, "--loss_chunking", "off", name="plain"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
 def test_pt_from_scratch_builds_the_architecture_from_yaml(tmp_path, tiny_llama_dir):
     cfg = tmp_path / "pt.yaml"
     cfg.write_text(f"""stage: pt
