@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[name](rest)
     except LmforgeError as err:
-        print(f"lmforge: error: {err}", file=sys.stderr)
-        return 2
+        stopped = getattr(err, "signum", None)
+        print(f"lmforge: {'' if stopped else 'error: '}{err}", file=sys.stderr)
+        return 128 + stopped if stopped else 2
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130

@@ -209,9 +209,19 @@ class TrainingArguments(transformers.TrainingArguments):
     overwrite_output_dir: bool = _opt(
         False, "Allow training into a non-empty output_dir (its old checkpoints are not resumed)."
     )
+    resume_from_checkpoint: str | None = _opt(
+        None,
+        "A checkpoint folder, or auto: the newest whole checkpoint in output_dir (damaged ones are skipped "
+        "with a warning). Unset, a run whose output_dir holds checkpoints of the same config resumes itself.",
+    )
     warmup_ratio: float = _opt(0.0, "Fraction of the total steps used for linear warm-up (sets warmup_steps).")
     logging_steps: float = _opt(10, "Log every n optimizer steps (or a fraction of the total when < 1).")
     save_steps: float = _opt(500, "Save a checkpoint every n optimizer steps (or a fraction of the total when < 1).")
+    nan_policy: Literal["stop", "skip"] = _opt(
+        "stop",
+        "A non-finite loss or gradient: stop (default; says at which step and micro-batch, saves nothing new "
+        "and keeps the last good checkpoint) or skip (that batch or update is skipped and counted).",
+    )
     loss_chunking: Literal["auto", "on", "off"] = _opt(
         "auto",
         "Compute the loss from the output head's input in chunks, only at loss positions, never "

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
+
+from lmforge.errors import LmforgeError
 
 LOG_NAME = "trainer_log.jsonl"
 
@@ -71,3 +76,43 @@ class ProgressCallback(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class TrainingStopped(LmforgeError):
+    """A run stopped on request after saving a checkpoint; the CLI exits 128 + signal number."""
+
+    def __init__(self, signum: int, step: int, output_dir: str):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; a checkpoint was saved in "
+                         f"{output_dir}: run the same command again to resume (resume_from_checkpoint: auto)")
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM or a first ctrl-C: finish the optimizer step, save a checkpoint, stop.
+    A second ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\nlmforge: {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              "(ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self._handle)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.signal is not None:
+            control.should_save = True
+            control.should_training_stop = True

@@ -19,26 +19,32 @@ from lmforge.data.templates import CatalogueTemplate, get_template
 from lmforge.errors import LmforgeError
 from lmforge.model.adapters import record_base_model, setup_finetuning
 from lmforge.model.loader import count_parameters, load_model, load_tokenizer
-from lmforge.train.callbacks import JsonlLogCallback, ProgressCallback
+from lmforge.train.callbacks import JsonlLogCallback, ProgressCallback, StopOnSignal, TrainingStopped
+from lmforge.train.checkpoints import STAGING, config_fingerprint, resolve_resume
 from lmforge.train.outputs import build_results, plot_losses, write_model_card, write_results
 from lmforge.train.trainer import LmforgeTrainer
 
 logger = logging.getLogger(__name__)
 
 
-def check_output_dir(config: TrainConfig) -> None:
-    """Refuse to train into a non-empty output_dir unless told to overwrite or to resume."""
+def plan_output_dir(config: TrainConfig, fingerprint: str) -> str | None:
+    """The checkpoint to resume from, after refusing an output_dir that would be overwritten."""
     if "output_dir" not in config.explicit:
         raise LmforgeError("output_dir is required: set output_dir: saves/my-run")
-    out = Path(config.training.output_dir)
+    t = config.training
+    out = Path(t.output_dir)
     if out.exists() and not out.is_dir():
         raise LmforgeError(f"output_dir {out} is a file: choose a folder")
-    busy = out.is_dir() and any(out.iterdir())
-    if busy and not (config.training.overwrite_output_dir or config.training.resume_from_checkpoint):
+    resume = resolve_resume(t.output_dir, t.resume_from_checkpoint, fingerprint, t.overwrite_output_dir)
+    busy = out.is_dir() and any(p.name != STAGING for p in out.iterdir())
+    if busy and resume is None and not t.overwrite_output_dir:
         raise LmforgeError(
             f"output_dir {out} is not empty: choose another output_dir, set overwrite_output_dir: true, "
             f"or resume with resume_from_checkpoint"
         )
+    if resume:
+        logger.info("resuming from %s", resume)
+    return resume
 
 
 def prepare_tokenizer(config: TrainConfig) -> Any:
@@ -77,7 +83,8 @@ def _hyperparameters(config: TrainConfig) -> dict[str, Any]:
 
 def run_causal_lm(config: TrainConfig) -> dict[str, Any]:
     """Train a causal LM (stage pt or sft) and write every output; returns all_results."""
-    check_output_dir(config)
+    fingerprint = config_fingerprint(config.explicit)
+    resume = plan_output_dir(config, fingerprint)
     args = config.training
     tokenizer = prepare_tokenizer(config)
     data = get_datasets(config.data, config.finetuning.stage, args.seed, tokenizer)
@@ -94,10 +101,15 @@ def run_causal_lm(config: TrainConfig) -> dict[str, Any]:
     trainer = LmforgeTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
         data_collator=collator, callbacks=[JsonlLogCallback(args.output_dir), ProgressCallback()],
-        pack_size=config.data.cutoff_len if packed else None,
+        pack_size=config.data.cutoff_len if packed else None, fingerprint=fingerprint, nan_policy=args.nan_policy,
     )
     trainer.remove_callback(transformers.trainer_callback.ProgressCallback)
-    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
+    with stop.installed():
+        train_result = trainer.train(resume_from_checkpoint=resume)
+    if stop.signal is not None:
+        raise TrainingStopped(stop.signal, trainer.state.global_step, args.output_dir)
     trainer.save_model(args.output_dir)
     trainer.save_state()
     if config.finetuning.finetuning_type == "lora" and trainer.is_world_process_zero():

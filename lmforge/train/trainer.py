@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from lmforge.data.collator import COUNT_KEYS
+from lmforge.errors import LmforgeError
+from lmforge.train import checkpoints as ckpt
 from lmforge.train.loss import capture_head_input, chunkable_head, linear_cross_entropy
 
 LARGE_VOCAB = 32_000
@@ -24,10 +28,17 @@ class LmforgeTrainer(Trainer):
     loss tokens of the optimizer step, so gradient accumulation equals one larger batch.
     """
 
-    def __init__(self, *args: Any, pack_size: int | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, pack_size: int | None = None, fingerprint: str = "", nan_policy: str = "stop",
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.pack_size = pack_size
+        self.fingerprint = fingerprint
+        self.nan_policy = nan_policy
+        self.protected: set[str] = set()  # the checkpoint being resumed from: never rotated away
+        self.skipped_batches = 0
+        self._micro_batch = 0
         self.loss_head = self._choose_loss_head()
+        self.add_callback(NonFiniteGradients(self))
         self._counts = {"real": 0, "positions": 0, "rows": 0}
         self._last_log = (time.perf_counter(), dict(self._counts))
         self._start = time.perf_counter()
@@ -46,20 +57,68 @@ class LmforgeTrainer(Trainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         if self.loss_head is None or not model.training or "labels" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs.pop("labels")
-        with capture_head_input(self.loss_head) as captured:
-            outputs = model(**inputs, use_cache=False)
-        loss = linear_cross_entropy(captured["hidden"], self.loss_head, labels, num_items_in_batch)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # as Trainer.compute_loss: the gradient all-reduce averages, the token count was summed
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
-        return (loss, outputs) if return_outputs else loss
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        else:
+            labels = inputs.pop("labels")
+            with capture_head_input(self.loss_head) as captured:
+                outputs = model(**inputs, use_cache=False)
+            loss = linear_cross_entropy(captured["hidden"], self.loss_head, labels, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # as Trainer.compute_loss: the gradient all-reduce averages, the token count was summed
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
+            result = (loss, outputs) if return_outputs else loss
+        if model.training:
+            result = self._guard_finite(result)
+        return result
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
+    def _guard_finite(self, result: Any) -> Any:
+        """nan_policy: stop (raise, nothing new saved) or skip (this micro-batch adds no gradient)."""
+        loss = result[0] if isinstance(result, tuple) else result
+        self._micro_batch += 1
+        if torch.isfinite(loss.detach()).all():
+            return result
+        where = f"optimizer step {self.state.global_step + 1}, micro-batch {self._micro_batch}"
+        if self.nan_policy == "stop":
+            raise LmforgeError(f"non-finite loss at {where}: stopped; nothing new was saved and the last good "
+                               f"checkpoint is kept (set nan_policy: skip to skip such batches)")
+        self.skipped_batches += 1
+        logger.warning("non-finite loss at %s: batch skipped (%d so far)", where, self.skipped_batches)
+        zero = torch.zeros((), device=loss.device, requires_grad=True)  # no graph: backward adds nothing
+        return (zero, result[1]) if isinstance(result, tuple) else zero
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Save into output_dir/.staging, write a manifest, then rename the whole folder into place."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staged, final = run_dir / ckpt.STAGING / name, run_dir / name
+        existing = ckpt.checkpoints(run_dir)
+        needed = ckpt.folder_size(existing[-1]) if existing else 4 * sum(
+            p.numel() * p.element_size() for p in self.model.parameters())
+        ckpt.ensure_disk_space(run_dir, int(needed * 1.1))
+        if self.is_world_process_zero():
+            shutil.rmtree(staged, ignore_errors=True)  # left over from a run killed while saving
+        self.accelerator.wait_for_everyone()
+        output_dir, limit = self.args.output_dir, self.args.save_total_limit
+        self.args.output_dir, self.args.save_total_limit = str(run_dir / ckpt.STAGING), None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir, self.args.save_total_limit = output_dir, limit
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            ckpt.write_manifest(staged, self.fingerprint, self.state.global_step)
+            if final.exists():
+                shutil.rmtree(final)  # a stale checkpoint of the same step from an earlier, abandoned run
+            staged.rename(final)
+            ckpt.rotate(run_dir, limit, self.protected)
+        self.accelerator.wait_for_everyone()
+
+    def train(self, resume_from_checkpoint: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        if resume_from_checkpoint:
+            self.protected.add(str(Path(resume_from_checkpoint).resolve()))
         self._start = time.perf_counter()
         self._last_log = (self._start, dict(self._counts))
-        return super().train(*args, **kwargs)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         counts = {k: inputs.pop(k, None) for k in COUNT_KEYS}
@@ -87,3 +146,25 @@ class LmforgeTrainer(Trainer):
             logs["elapsed_s"] = round(now - self._start, 2)
             self._last_log = (now, dict(self._counts))
         super().log(logs, start_time)
+
+
+class NonFiniteGradients(TrainerCallback):
+    """Before each optimizer step: non-finite gradients stop the run (nan_policy stop) or the
+    update is skipped (nan_policy skip: every gradient is dropped, so the optimizer leaves the weights)."""
+
+    def __init__(self, trainer: LmforgeTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._micro_batch = 0
+        params = [p for p in self.trainer.model.parameters() if p.grad is not None]
+        if all(torch.isfinite(p.grad).all() for p in params):
+            return
+        where = f"optimizer step {state.global_step + 1}"
+        if self.trainer.nan_policy == "stop":
+            raise LmforgeError(f"non-finite gradients at {where}: stopped before the update; the last good "
+                               "checkpoint is kept (set nan_policy: skip to skip such updates)")
+        for p in params:
+            p.grad = None
+        self.trainer.skipped_batches += 1
+        logger.warning("non-finite gradients at %s: update skipped", where)

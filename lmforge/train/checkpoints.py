@@ -1,0 +1,135 @@
+"""Checkpoints that are complete or absent: staged in a hidden folder, renamed into place whole,
+verified by a manifest on resume, rotated without ever touching the one being resumed from."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LmforgeError
+
+logger = logging.getLogger(__name__)
+STAGING = ".staging"
+MANIFEST = "lmforge_checkpoint.json"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# Options that may change between a run and its resumption without making it another run.
+RESUME_NEUTRAL = {"resume_from_checkpoint", "overwrite_output_dir", "output_dir", "max_steps", "num_train_epochs",
+                  "save_steps", "save_total_limit", "logging_steps", "report_to", "preprocessing_num_workers",
+                  "overwrite_cache", "plot_loss", "dataloader_num_workers"}
+
+
+def config_fingerprint(explicit: dict[str, Any]) -> str:
+    """A hash of the options that define the run (what resuming must not change)."""
+    defining = {k: str(v) for k, v in explicit.items() if k not in RESUME_NEUTRAL}
+    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_manifest(folder: Path, fingerprint: str, step: int) -> None:
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"step": step, "config": fingerprint, "files": files}, indent=1))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None when it is whole."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (not written by lmforge, or not finished)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        return "unreadable manifest"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, expected {size}"
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "trainer_state.json is unreadable"
+    return None
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """checkpoint-N folders, oldest first."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def newest_complete(output_dir: str | Path) -> Path | None:
+    """The newest whole checkpoint; damaged newer ones are skipped with a warning naming them."""
+    for folder in reversed(checkpoints(output_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        logger.warning("skipping checkpoint %s: %s", folder, problem)
+    return None
+
+
+def checkpoint_config(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("config")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def resolve_resume(output_dir: str, requested: str | None, fingerprint: str, overwrite: bool) -> str | None:
+    """The checkpoint to resume from.
+
+    `auto` (or unset, when output_dir holds checkpoints of the same config) means the newest whole
+    checkpoint; a path is used as given. Checkpoints of another config are never resumed silently.
+    """
+    if requested and requested not in ("auto", "true", "True"):
+        folder = Path(requested)
+        problem = checkpoint_problem(folder) if folder.is_dir() else "not a folder"
+        if problem and (folder / "trainer_state.json").is_file() and not (folder / MANIFEST).exists():
+            return str(folder)  # a checkpoint written by plain transformers: trust it as HF does
+        if problem:
+            raise LmforgeError(f"resume_from_checkpoint {requested}: {problem}")
+        return str(folder)
+    if overwrite and not requested:
+        return None
+    newest = newest_complete(output_dir)
+    if newest is None:
+        if requested:
+            logger.warning("resume_from_checkpoint auto: no whole checkpoint in %s, starting fresh", output_dir)
+        return None
+    if checkpoint_config(newest) != fingerprint and not requested:
+        raise LmforgeError(
+            f"{output_dir} holds checkpoints of a different configuration ({newest.name}): choose another "
+            "output_dir, set overwrite_output_dir: true, or resume_from_checkpoint: auto to continue anyway"
+        )
+    return str(newest)
+
+
+def rotate(output_dir: str | Path, limit: int | None, protected: set[str]) -> None:
+    """Keep the newest `limit` checkpoints, never deleting a protected one (the resume source)."""
+    if not limit:
+        return
+    found = checkpoints(output_dir)
+    for folder in found[: max(0, len(found) - limit)]:
+        if str(folder.resolve()) in protected:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def ensure_disk_space(folder: Path, needed: int) -> None:
+    """Refuse to start a save that cannot finish: nothing is overwritten or deleted first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise LmforgeError(f"not enough disk to save a checkpoint in {folder}: {free / 2**30:.2f} GiB free, about "
+                           f"{needed / 2**30:.2f} GiB needed; free space or lower save_total_limit")
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
