@@ -21,6 +21,7 @@ commands:
   chat         chat with a model (streamed), or answer one --query
   export       merge LoRA adapters into the base and write a standalone model
   demo         teach the embedded SmolLM2 a new identity and show before/after answers
+  data check   the data doctor: invalid rows, lengths, truncation, and exactly which tokens are trained
   templates    list the chat templates of the catalogue
   models       list the model aliases that resolve offline
   version      print the version
@@ -131,6 +132,28 @@ def cmd_demo(argv: list[str]) -> None:
     run_demo(parse_train_config(argv))
 
 
+def cmd_data(argv: list[str]) -> None:
+    """lmforge data check CONFIG.yaml: rows per dataset, invalid rows (file:line), duplicates, length
+    statistics and histogram, what cutoff_len truncates or drops, the share of tokens that carry
+    loss, and rendered examples with the trained tokens marked."""
+    from lmforge.config.parser import DOCTOR_GROUPS, build_groups, merge_sources
+    from lmforge.config.parser import TrainConfig
+    from lmforge.data.doctor import run_data_check
+    from lmforge.model.loader import load_tokenizer
+    from lmforge.data.templates import get_template
+
+    if not argv or argv[0] != "check":
+        raise LmforgeError("usage: lmforge data check CONFIG.yaml [--key value ...]")
+    config_path, raw = merge_sources(argv[1:])
+    model, data, finetuning, training, doctor = build_groups(raw, DOCTOR_GROUPS)
+    config = TrainConfig(model, data, finetuning, training, explicit=dict(raw), config_path=config_path)
+    tokenizer = load_tokenizer(model)
+    original = tokenizer.chat_template
+    if finetuning.stage == "sft":
+        get_template(data.template, tokenizer)  # an unknown template fails here, before any work
+    run_data_check(config, doctor, tokenizer, original)
+
+
 def cmd_templates(argv: list[str]) -> None:
     """List the chat templates of the catalogue."""
     from lmforge.data.templates import load_catalogue
@@ -154,16 +177,16 @@ def cmd_version(argv: list[str]) -> None:
 
 
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
-    "train": cmd_train, "preprocess": cmd_preprocess, "chat": cmd_chat, "export": cmd_export, "demo": cmd_demo,
+    "train": cmd_train, "preprocess": cmd_preprocess, "chat": cmd_chat, "export": cmd_export, "demo": cmd_demo, "data": cmd_data,
     "templates": cmd_templates, "models": cmd_models, "version": cmd_version,
 }
 
 
 def command_groups(name: str) -> tuple[type, ...]:
-    from lmforge.config.parser import CHAT_GROUPS, EXPORT_GROUPS, GROUPS
+    from lmforge.config.parser import CHAT_GROUPS, DOCTOR_GROUPS, EXPORT_GROUPS, GROUPS
 
     return {"train": GROUPS, "preprocess": GROUPS, "demo": GROUPS, "chat": CHAT_GROUPS,
-            "export": EXPORT_GROUPS}.get(name, ())
+            "export": EXPORT_GROUPS, "data": DOCTOR_GROUPS}.get(name, ())
 
 
 def command_help(name: str) -> str:

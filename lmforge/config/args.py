@@ -59,6 +59,9 @@ class ModelArguments:
         "sdpa", "Attention kernel: sdpa (default), eager, or flash_attention_2 (needs flash-attn and a GPU)."
     )
     trust_remote_code: bool = _opt(False, "Allow model code shipped in the model directory to run.")
+    allow_pickle_weights: bool = _opt(
+        False, "Load weights from pickle files (pytorch_model.bin), which can run code when loaded; off by default."
+    )
 
     def __post_init__(self) -> None:
         if self.model_config is None:
@@ -116,6 +119,11 @@ class DataArguments:
     )
     train_on_prompt: bool = _opt(False, "sft: take loss on every token, prompt and template included.")
     mask_history: bool = _opt(False, "sft: take loss only on the last assistant turn of each conversation.")
+    skip_invalid_examples: bool = _opt(
+        False,
+        "false: stop at the first invalid row, naming its file and line; true: skip invalid rows and count "
+        "them in the data summary (see `lmforge data check`).",
+    )
     packing: bool = _opt(
         False,
         "Pack examples into rows of cutoff_len tokens (best-fit-decreasing) with no attention across "
@@ -133,6 +141,8 @@ class DataArguments:
             raise LmforgeError(f"val_size must be >= 0 (a fraction or a row count), got {self.val_size}")
         if self.train_on_prompt and self.mask_history:
             raise LmforgeError("train_on_prompt and mask_history contradict each other: set only one")
+        if self.streaming and self.packing:
+            raise LmforgeError("packing needs the whole dataset to place examples; set streaming: false or packing: false")
         if self.max_samples is not None and self.max_samples < 1:
             raise LmforgeError(f"max_samples must be >= 1, got {self.max_samples}")
 
@@ -249,6 +259,16 @@ class TrainingArguments(transformers.TrainingArguments):
             super().__post_init__()
         except ValueError as err:
             raise LmforgeError(f"invalid training option: {err}") from err
+
+
+@dataclass
+class DoctorArguments:
+    """What `lmforge data check` shows and where it writes its report."""
+
+    show_examples: int = _opt(3, "How many rendered examples to print with their trained tokens marked.")
+    report_dir: str | None = _opt(
+        None, "Folder for the length histogram and report.json (default: output_dir/data_check or ./data_check)."
+    )
 
 
 @dataclass

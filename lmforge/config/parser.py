@@ -13,13 +13,14 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lmforge.config.args import (DataArguments, ExportArguments, FinetuningArguments, GenerationArguments,
-                                 ModelArguments, TrainingArguments)
+from lmforge.config.args import (DataArguments, DoctorArguments, ExportArguments, FinetuningArguments,
+                                 GenerationArguments, ModelArguments, TrainingArguments)
 from lmforge.errors import LmforgeError
 
 GROUPS: tuple[type, ...] = (ModelArguments, DataArguments, FinetuningArguments, TrainingArguments)
 CHAT_GROUPS: tuple[type, ...] = (ModelArguments, GenerationArguments)
 EXPORT_GROUPS: tuple[type, ...] = (ModelArguments, ExportArguments)
+DOCTOR_GROUPS: tuple[type, ...] = (*GROUPS, DoctorArguments)
 # LLaMA-Factory names that mean the same thing as one of ours.
 ALIASES: dict[str, str] = {"neat_packing": "packing", "enable_liger_kernel": "use_liger_kernel"}
 

@@ -137,9 +137,18 @@ def fill_placeholders(text: str, values: dict[str, str]) -> str:
     return text
 
 
+CONVERSATION_FEATURES = datasets.Features({
+    "_system": datasets.Value("string"),
+    "_messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+    "_invalid": datasets.Value("string"),
+})
+
+
 def to_conversations(ds: datasets.Dataset, spec: DatasetSpec, stage: str, num_proc: int | None = None,
-                     placeholders: dict[str, str] | None = None) -> datasets.Dataset:
-    """Rows -> `_system`, `_messages` (sft) or `_text` (pt); `{{key}}` filled where the spec allows."""
+                     placeholders: dict[str, str] | None = None, skip_invalid: bool = False) -> datasets.Dataset:
+    """Rows -> `_system`, `_messages`, `_invalid` (sft) or `_text` (pt); `{{key}}` filled where the spec
+    allows. An invalid row raises, naming file and line, or with `skip_invalid` is kept with its reason
+    in `_invalid` (empty for valid rows) for the caller to count and drop."""
     values = placeholders if spec.placeholders and placeholders else {}
     present = list(ds.column_names)
     formatting = detect_formatting(spec, present, stage)
@@ -157,12 +166,15 @@ def to_conversations(ds: datasets.Dataset, spec: DatasetSpec, stage: str, num_pr
         try:
             system, messages = convert(row)
             messages = [{"role": m["role"], "content": fill_placeholders(m["content"], values)} for m in messages]
-            return {"_system": fill_placeholders(system, values), "_messages": validate_conversation(messages)}
+            return {"_system": fill_placeholders(system, values), "_messages": validate_conversation(messages),
+                    "_invalid": ""}
         except RowError as err:
-            raise LmforgeError(f"{row_location(spec, index)}: {err}") from None
+            if not skip_invalid:
+                raise LmforgeError(f"{row_location(spec, index)}: {err}") from None
+            return {"_system": "", "_messages": [], "_invalid": f"{row_location(spec, index)}: {err}"}
 
     return map_rows(ds, apply, with_indices=True, remove_columns=present, num_proc=num_proc,
-                    desc=f"Converting {spec.name}")
+                    desc=f"Converting {spec.name}", features=CONVERSATION_FEATURES)
 
 
 def _to_text(ds: datasets.Dataset, spec: DatasetSpec, formatting: str, present: list[str], num_proc: int | None) -> datasets.Dataset:

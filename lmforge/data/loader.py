@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import lru_cache
 from pathlib import Path
 
 import datasets
@@ -85,19 +86,22 @@ def row_location(spec: DatasetSpec, index: int) -> str:
     """`file:line` for row `index` of a single JSON-lines file, else `dataset 'x' row N`."""
     if len(spec.files) == 1 and spec.file_type == "json":
         path = spec.files[0]
-        with path.open(encoding="utf-8", errors="replace") as handle:
-            first = handle.read(1)
-            while first.isspace():
-                first = handle.read(1)
-            if first != "[":
-                handle.seek(0)
-                seen = -1
-                for number, line in enumerate(handle, start=1):
-                    if line.strip():
-                        seen += 1
-                        if seen == index:
-                            return f"{path}:{number}"
+        stat = path.stat()
+        lines = _record_lines(str(path), stat.st_size, stat.st_mtime_ns)
+        if index < len(lines):
+            return f"{path}:{lines[index]}"
     return f"dataset '{spec.name}' row {index + 1}"
+
+
+@lru_cache(maxsize=8)
+def _record_lines(path: str, size: int, mtime_ns: int) -> tuple[int, ...]:
+    """Line number of each record of a JSON-lines file (empty for a JSON array), computed once."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        head = handle.read(4096).lstrip()
+        if head.startswith("["):
+            return ()
+        handle.seek(0)
+        return tuple(number for number, line in enumerate(handle, start=1) if line.strip())
 
 
 def _first_line(err: Exception) -> str:

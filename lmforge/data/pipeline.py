@@ -49,7 +49,8 @@ class DataSummary:
         share = self.loss_tokens / self.tokens if self.tokens else 0.0
         packed = (f", packed into {self.extra['packed_rows']} rows at {self.extra['packing_efficiency']:.1%} "
                   "efficiency" if "packing_efficiency" in self.extra else "")
-        return (f"{self.examples} train examples ({self.rows} rows read, {self.truncated} truncated, "
+        invalid = f", {self.extra['invalid_rows']} invalid rows skipped" if self.extra.get("invalid_rows") else ""
+        return (f"{self.examples} train examples ({self.rows} rows read{invalid}, {self.truncated} truncated, "
                 f"{self.dropped} dropped by cutoff_len), {self.eval_examples} eval examples, "
                 f"{self.tokens} tokens, {share:.1%} carry loss{packed} [{self.source}]")
 
@@ -77,7 +78,8 @@ def cache_key(args: DataArguments, stage: str, seed: int, specs: list[DatasetSpe
         "options": {k: getattr(args, k) for k in ("template", "cutoff_len", "max_samples", "val_size",
                                                   "mix_strategy", "interleave_probs", "train_on_prompt",
                                                   "mask_history", "dataset", "eval_dataset",
-                                                  "identity_name", "identity_author", "packing")},
+                                                  "identity_name", "identity_author", "packing",
+                                                  "skip_invalid_examples")},
         "files": [[s.name, s.formatting, s.columns, s.tags, s.num_samples,
                    [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in s.files]] for s in specs],
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -85,18 +87,41 @@ def cache_key(args: DataArguments, stage: str, seed: int, specs: list[DatasetSpe
     return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _load_mixed(names: str | None, args: DataArguments, stage: str, seed: int, num_proc: int | None) -> Any:
+@dataclass
+class LoadReport:
+    rows: dict[str, int] = field(default_factory=dict)  # rows read per dataset
+    invalid: list[str] = field(default_factory=list)  # "file:line: reason" of skipped rows
+
+
+def _drop_invalid(ds: Any, report: LoadReport) -> Any:
+    if "_invalid" not in ds.column_names:
+        return ds
+    if isinstance(ds, datasets.IterableDataset):
+        return ds.filter(lambda r: not r, input_columns="_invalid").remove_columns("_invalid")
+    reasons = [r for r in ds["_invalid"] if r]
+    if reasons:
+        report.invalid += reasons
+        ds = ds.filter(lambda r: not r, input_columns="_invalid", desc="Dropping invalid rows")
+    return ds.remove_columns("_invalid")
+
+
+def load_conversations(names: str | None, args: DataArguments, stage: str, seed: int, num_proc: int | None,
+                       report: LoadReport) -> Any:
+    """Every dataset in `names` read, converted, limited to max_samples and mixed (None: no names)."""
     specs = resolve_datasets(names, args.dataset_dir)
     if not specs:
         return None
     parts = []
+    placeholders = {"name": args.identity_name, "author": args.identity_author}
     for spec in specs:
         ds = load_raw(spec, streaming=args.streaming)
         limits = [x for x in (args.max_samples, spec.num_samples) if x]
         if limits:
             ds = ds.take(min(limits)) if args.streaming else ds.select(range(min(min(limits), len(ds))))
-        placeholders = {"name": args.identity_name, "author": args.identity_author}
-        parts.append(to_conversations(ds, spec, stage, num_proc, placeholders))
+        if not args.streaming:
+            report.rows[spec.name] = len(ds)
+        converted = to_conversations(ds, spec, stage, num_proc, placeholders, args.skip_invalid_examples)
+        parts.append(_drop_invalid(converted, report))
     if len(parts) == 1:
         return parts[0]
     if args.mix_strategy == "concat":
@@ -148,17 +173,22 @@ def _finish(ds: datasets.Dataset, summary: DataSummary | None, what: str) -> dat
 def build_datasets(args: DataArguments, stage: str, seed: int, tokenizer: Any) -> PreparedData:
     """Load, convert, mix, tokenize, then split off val_size examples (no caching)."""
     num_proc = args.preprocessing_num_workers
-    raw = _load_mixed(args.dataset, args, stage, seed, num_proc)
+    report = LoadReport()
+    raw = load_conversations(args.dataset, args, stage, seed, num_proc, report)
     if raw is None:
         raise LmforgeError("no dataset given: set `dataset` (names from dataset_info.json or file paths)")
-    raw_eval = _load_mixed(args.eval_dataset, args, stage, seed, num_proc)
+    raw_eval = load_conversations(args.eval_dataset, args, stage, seed, num_proc, LoadReport())
     summary = DataSummary()
+    if report.invalid:
+        summary.extra["invalid_rows"] = len(report.invalid)
+        summary.extra["invalid_examples"] = report.invalid[:10]
     if args.streaming:
         train = _tokenize(raw, tokenizer, args, stage, num_proc)
         train = train.remove_columns(list(STAT_COLUMNS)).filter(lambda ids: len(ids) > 0, input_columns="input_ids")
         summary.source = "streaming"
         return PreparedData(train, None, summary)
-    summary.rows = len(raw)
+    summary.rows = sum(report.rows.values())
+    summary.extra["rows_per_dataset"] = dict(report.rows)
     train = _finish(_tokenize(raw, tokenizer, args, stage, num_proc), summary, "training")
     if raw_eval is not None:
         evald = _finish(_tokenize(raw_eval, tokenizer, args, stage, num_proc), None, "eval")

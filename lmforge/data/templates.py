@@ -252,3 +252,28 @@ def get_template(name: str, tokenizer: Any) -> Renderer:
     if name not in catalogue:
         raise LmforgeError(f"unknown template '{name}'; known templates: {', '.join(template_names())}")
     return CatalogueTemplate(catalogue[name], tokenizer.bos_token or "", tokenizer.eos_token or "")
+
+
+PROBE_CONVERSATIONS = (
+    ("", [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}]),
+    ("You are terse.", [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},
+                        {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6."}]),
+)
+
+
+def template_mismatch(template: Renderer, tokenizer: Any, chat_template: str | None,
+                      conversations: Any = PROBE_CONVERSATIONS) -> str | None:
+    """Where a catalogue template's text first differs from the tokenizer's own chat template (None: same)."""
+    if not chat_template or not isinstance(template, CatalogueTemplate):
+        return None
+    for system, messages in conversations:
+        msgs = ([{"role": "system", "content": system}] if system else []) + list(messages)
+        try:
+            theirs = tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=chat_template)
+        except Exception as err:  # a template that rejects the probe (e.g. no system role) is a difference too
+            return f"the tokenizer's template cannot render it ({err})"
+        ours = template.render(system, list(messages)).text
+        if ours != theirs:
+            at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            return f"at character {at}: template gives {ours[at:at + 40]!r}, the tokenizer's gives {theirs[at:at + 40]!r}"
+    return None

@@ -163,6 +163,7 @@ def load_model(args: ModelArguments, tokenizer: Any) -> Any:
     if args.model_config:
         raise LmforgeError("model_config overrides the architecture and needs train_from_scratch: true")
     path = resolve_model_path(args.model_name_or_path)
+    common["use_safetensors"] = check_weights(Path(path), args.allow_pickle_weights)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **common)
     except (OSError, ValueError) as err:
@@ -170,6 +171,25 @@ def load_model(args: ModelArguments, tokenizer: Any) -> Any:
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     return model
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def check_weights(path: Path, allow_pickle: bool) -> bool:
+    """True when the folder has safetensors weights; pickle-only weights need allow_pickle_weights."""
+    if any(path.glob("*.safetensors")):
+        return True
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickled:
+        raise LmforgeError(f"no model weights in {path}: expected model.safetensors (or sharded *.safetensors)")
+    if not allow_pickle:
+        raise LmforgeError(
+            f"{path} has only pickle weights ({pickled[0]}), which can run arbitrary code when loaded: convert them "
+            "to safetensors, or set allow_pickle_weights: true if you trust their source"
+        )
+    logger.warning("loading pickle weights %s from %s because allow_pickle_weights is set", pickled[0], path)
+    return False
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

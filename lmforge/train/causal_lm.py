@@ -15,10 +15,10 @@ import transformers
 from lmforge.config import TrainConfig
 from lmforge.data.collator import PackedCollator, PaddingCollator
 from lmforge.data.pipeline import get_datasets, with_length_column
-from lmforge.data.templates import CatalogueTemplate, get_template
+from lmforge.data.templates import CatalogueTemplate, get_template, template_mismatch
 from lmforge.errors import LmforgeError
 from lmforge.model.adapters import record_base_model, setup_finetuning
-from lmforge.model.loader import count_parameters, load_model, load_tokenizer
+from lmforge.model.loader import check_weights, count_parameters, load_model, load_tokenizer, resolve_model_path
 from lmforge.train.callbacks import JsonlLogCallback, ProgressCallback, StopOnSignal, TrainingStopped
 from lmforge.train.checkpoints import STAGING, config_fingerprint, resolve_resume
 from lmforge.train.outputs import build_results, plot_losses, write_model_card, write_results
@@ -52,6 +52,11 @@ def prepare_tokenizer(config: TrainConfig) -> Any:
     tokenizer = load_tokenizer(config.model)
     if config.finetuning.stage == "sft":
         template = get_template(config.data.template, tokenizer)
+        mismatch = template_mismatch(template, tokenizer, tokenizer.chat_template)
+        if mismatch:
+            logger.warning("template %s differs from the tokenizer's own chat template %s; the saved model will "
+                           "use %s (set template: auto to keep the model's format)", template.name, mismatch,
+                           template.name)
         if isinstance(template, CatalogueTemplate):
             tokenizer.chat_template = template.to_jinja()
     return tokenizer
@@ -85,6 +90,8 @@ def run_causal_lm(config: TrainConfig) -> dict[str, Any]:
     """Train a causal LM (stage pt or sft) and write every output; returns all_results."""
     fingerprint = config_fingerprint(config.explicit)
     resume = plan_output_dir(config, fingerprint)
+    if not config.model.train_from_scratch:  # fail fast, before the data is tokenized
+        check_weights(Path(resolve_model_path(config.model.model_name_or_path)), config.model.allow_pickle_weights)
     args = config.training
     tokenizer = prepare_tokenizer(config)
     data = get_datasets(config.data, config.finetuning.stage, args.seed, tokenizer)
@@ -92,7 +99,7 @@ def run_causal_lm(config: TrainConfig) -> dict[str, Any]:
     if config.data.streaming and args.max_steps <= 0:
         raise LmforgeError("streaming needs max_steps: the number of rows is unknown in advance")
     model = build_model(config, tokenizer)
-    packed = "lengths" in data.train.column_names
+    packed = "lengths" in (data.train.column_names or [])
     collator = (PackedCollator(tokenizer.pad_token_id, config.model.attn_implementation) if packed
                 else PaddingCollator(tokenizer.pad_token_id))
     args.remove_unused_columns = False  # the collators take what they need (`lengths` included)

@@ -11,8 +11,10 @@ from lmforge import __version__
 from lmforge.train.callbacks import read_log
 
 
-def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
-    """Exponential moving average, as TensorBoard draws it."""
+def _smooth(values: list[float]) -> list[float]:
+    """Exponential moving average whose weight grows with the number of points (about 0.18 for 8
+    points, 0.9 for 1,000), so a short run's curve does not lag behind its data."""
+    weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(values))) - 0.5)
     out, last = [], values[0] if values else 0.0
     for v in values:
         last = weight * last + (1 - weight) * v

@@ -67,3 +67,63 @@ def test_sigkill_then_resume_ends_bit_identical(tiny_llama_dir, baseline, tmp_pa
     kept = {p.name for p in out.glob("checkpoint-*")}
     assert kept == {"checkpoint-10", "checkpoint-12", Path(source).name}  # save_total_limit 2 + the resume source
     assert not list((out / ".staging").glob("checkpoint-*"))
+
+
+def test_sigterm_saves_a_checkpoint_and_the_same_command_finishes_the_run(tiny_llama_dir, baseline, tmp_path):
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(command(tiny_llama_dir, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while proc.poll() is None and not (out / "checkpoint-2").is_dir() and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM after step" in err and "run the same command again to resume" in err
+    stopped_at = int(err.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert (out / f"checkpoint-{stopped_at}").is_dir() and stopped_at < STEPS
+    subprocess.run(command(tiny_llama_dir, out), check=True, capture_output=True, timeout=300)
+    a, b = load_file(baseline / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+    from lmforge.train.checkpoints import newest_complete, write_manifest
+
+    for step in (2, 4):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"x" * 100)
+        write_manifest(folder, "cfg", step)
+    (tmp_path / "checkpoint-4" / "model.safetensors").write_bytes(b"x" * 10)  # truncated
+    with caplog.at_level("WARNING"):
+        assert newest_complete(tmp_path) == tmp_path / "checkpoint-2"
+    assert "checkpoint-4: model.safetensors has 10 bytes, expected 100" in caplog.text
+
+
+def test_another_config_is_never_resumed_silently(tmp_path):
+    from lmforge.errors import LmforgeError
+    from lmforge.train.checkpoints import config_fingerprint, resolve_resume, write_manifest
+
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text("{}")
+    write_manifest(folder, config_fingerprint({"learning_rate": "1e-3"}), 2)
+    same = config_fingerprint({"learning_rate": "1e-3", "max_steps": 50})  # max_steps may change on resume
+    assert resolve_resume(str(tmp_path), None, same, overwrite=False) == str(folder)
+    other = config_fingerprint({"learning_rate": "1e-4"})
+    with pytest.raises(LmforgeError, match="holds checkpoints of a different configuration"):
+        resolve_resume(str(tmp_path), None, other, overwrite=False)
+    assert resolve_resume(str(tmp_path), "auto", other, overwrite=False) == str(folder)
+    assert resolve_resume(str(tmp_path), None, other, overwrite=True) is None
+
+
+def test_disk_full_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import shutil as sh
+
+    from lmforge.errors import LmforgeError
+    from lmforge.train.checkpoints import ensure_disk_space
+
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(100, 99, 1))
+    with pytest.raises(LmforgeError, match="not enough disk to save a checkpoint"):
+        ensure_disk_space(tmp_path, 10_000)

@@ -208,3 +208,34 @@ def test_pt_packing_keeps_each_document_whole(tiny_llama_dir):
         assert all(row["input_ids"][s] == tok.bos_token_id for s in starts)  # every piece starts a document
         assert all(row["labels"][s] == -100 for s in starts)  # nothing predicts across a boundary
     assert data.summary.extra["packing_efficiency"] > 0.8
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_policy(tmp_path, tiny_llama_dir, monkeypatch, policy, capsys):
+    """A NaN loss at step 2: stop names the step and saves nothing new; skip counts and continues."""
+    from lmforge.train import trainer as trainer_module
+
+    original = trainer_module.linear_cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(trainer_module, "linear_cross_entropy", poisoned)
+    out = tmp_path / "out"
+    args = ["train", "--model_name_or_path", str(tiny_llama_dir), "--dataset", "alpaca_demo", "--dataset_dir",
+            str(ROOT / "data"), "--output_dir", str(out), "--max_steps", "4", "--finetuning_type", "full",
+            "--logging_steps", "1", "--save_strategy", "no", "--nan_policy", policy]
+    code = main(args)
+    if policy == "stop":
+        assert code == 2
+        assert "non-finite loss at optimizer step 2, micro-batch 1: stopped" in capsys.readouterr().err
+        assert not (out / "model.safetensors").exists()
+    else:
+        assert code == 0
+        records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+        weights = _weights(out)
+        assert all(torch.isfinite(w).all() for w in weights.values())

@@ -1,0 +1,44 @@
+"""Data options end to end: interleaved mixing, worker processes, streaming."""
+
+import json
+from pathlib import Path
+
+from lmforge.cli import main
+from lmforge.config import DataArguments, ModelArguments
+from lmforge.data.pipeline import build_datasets
+from lmforge.model.loader import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tokenizer(tiny_llama_dir):
+    return load_tokenizer(ModelArguments(model_name_or_path=str(tiny_llama_dir)))
+
+
+def test_mix_strategies(tiny_llama_dir):
+    tok = tokenizer(tiny_llama_dir)
+    common = dict(dataset="alpaca_demo,sharegpt_demo", dataset_dir=str(ROOT / "data"), cutoff_len=256)
+    concat = build_datasets(DataArguments(**common), "sft", 0, tok)
+    under = build_datasets(DataArguments(**common, mix_strategy="interleave_under"), "sft", 0, tok)
+    over = build_datasets(DataArguments(**common, mix_strategy="interleave_over", interleave_probs="0.5,0.5"), "sft", 0, tok)
+    assert len(concat.train) == 40
+    assert len(under.train) < 40 < len(over.train)  # stops at the smaller set / oversamples it
+    assert concat.summary.extra["rows_per_dataset"] == {"alpaca_demo": 30, "sharegpt_demo": 10}
+
+
+def test_workers_tokenize_exactly_like_one_process(tiny_llama_dir):
+    tok = tokenizer(tiny_llama_dir)
+    common = dict(dataset="alpaca_demo", dataset_dir=str(ROOT / "data"), cutoff_len=128)
+    one = build_datasets(DataArguments(**common), "sft", 0, tok)
+    two = build_datasets(DataArguments(**common, preprocessing_num_workers=2), "sft", 0, tok)
+    assert one.train["input_ids"] == two.train["input_ids"] and one.train["labels"] == two.train["labels"]
+
+
+def test_streaming_trains_with_max_steps(tmp_path, tiny_llama_dir, capsys):
+    args = ["train", "--model_name_or_path", str(tiny_llama_dir), "--dataset", "messages_demo", "--dataset_dir",
+            str(ROOT / "data"), "--streaming", "true", "--save_strategy", "no", "--logging_steps", "1"]
+    assert main([*args, "--output_dir", str(tmp_path / "a")]) == 2
+    assert "streaming needs max_steps" in capsys.readouterr().err
+    assert main([*args, "--output_dir", str(tmp_path / "b"), "--max_steps", "2"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "b" / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
