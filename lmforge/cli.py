@@ -24,6 +24,7 @@ commands:
   data check   the data doctor: invalid rows, lengths, truncation, and exactly which tokens are trained
   templates    list the chat templates of the catalogue
   models       list the model aliases that resolve offline
+  env          versions, devices and memory, for bug reports
   version      print the version
 
 Values given on the command line override the YAML; the YAML is optional.
@@ -62,12 +63,19 @@ def _setup_logging() -> None:
     transformers.logging.set_verbosity_warning()
 
 
-def cmd_train(argv: list[str]) -> None:
-    """Train a causal LM: stage pt (raw text) or sft (conversations), full, freeze or LoRA."""
+def cmd_train(argv: list[str]) -> int | None:
+    """Train a causal LM: stage pt (raw text) or sft (conversations), full, freeze or LoRA. With
+    nproc_per_node / nnodes (or FORCE_TORCHRUN=1) it re-launches itself through torchrun."""
     from lmforge.config import parse_train_config
+    from lmforge.launch import launch_settings, relaunch
     from lmforge.train.causal_lm import run_causal_lm
 
-    run_causal_lm(parse_train_config(argv))
+    config = parse_train_config(argv)
+    settings = launch_settings(config)
+    if settings is not None:
+        return relaunch(settings, argv)
+    run_causal_lm(config)
+    return None
 
 
 def cmd_preprocess(argv: list[str]) -> None:
@@ -145,8 +153,8 @@ def cmd_data(argv: list[str]) -> None:
     if not argv or argv[0] != "check":
         raise LmforgeError("usage: lmforge data check CONFIG.yaml [--key value ...]")
     config_path, raw = merge_sources(argv[1:])
-    model, data, finetuning, training, doctor = build_groups(raw, DOCTOR_GROUPS)
-    config = TrainConfig(model, data, finetuning, training, explicit=dict(raw), config_path=config_path)
+    model, data, finetuning, training, launch, doctor = build_groups(raw, DOCTOR_GROUPS)
+    config = TrainConfig(model, data, finetuning, training, launch, explicit=dict(raw), config_path=config_path)
     tokenizer = load_tokenizer(model)
     original = tokenizer.chat_template
     if finetuning.stage == "sft":
@@ -171,14 +179,22 @@ def cmd_models(argv: list[str]) -> None:
         print(f"{name}: {entry['description']} (needs: {entry['install']})")
 
 
+def cmd_env(argv: list[str]) -> None:
+    """Print the versions of Python, torch (and CUDA), the HF libraries and the optional engines,
+    and the devices with their memory: paste it into a bug report."""
+    from lmforge.env import environment_report
+
+    print(environment_report())
+
+
 def cmd_version(argv: list[str]) -> None:
     """Print the version."""
     print(__version__)
 
 
-COMMANDS: dict[str, Callable[[list[str]], None]] = {
+COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
     "train": cmd_train, "preprocess": cmd_preprocess, "chat": cmd_chat, "export": cmd_export, "demo": cmd_demo, "data": cmd_data,
-    "templates": cmd_templates, "models": cmd_models, "version": cmd_version,
+    "templates": cmd_templates, "models": cmd_models, "env": cmd_env, "version": cmd_version,
 }
 
 
@@ -215,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _setup_logging()
     try:
-        COMMANDS[name](rest)
+        code = COMMANDS[name](rest)
     except LmforgeError as err:
         stopped = getattr(err, "signum", None)
         print(f"lmforge: {'' if stopped else 'error: '}{err}", file=sys.stderr)
@@ -223,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ same, so its users' YAML files run unchanged."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -212,6 +213,22 @@ class FinetuningArguments:
 
 
 @dataclass
+class LaunchArguments:
+    """How `lmforge train` starts several processes (it re-launches itself through torchrun).
+
+    The environment variables FORCE_TORCHRUN=1, NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR and
+    MASTER_PORT (LLaMA-Factory's names) work too; options given here take precedence."""
+
+    nproc_per_node: int | None = _opt(
+        None, "Processes on this machine (one per GPU; on CPU, gloo processes). More than 1 launches torchrun."
+    )
+    nnodes: int | None = _opt(None, "Machines taking part; more than 1 launches torchrun on each of them.")
+    node_rank: int | None = _opt(None, "This machine's index among the nnodes (0 is the master).")
+    master_addr: str | None = _opt(None, "Address of node 0, reachable from every node (default 127.0.0.1).")
+    master_port: int | None = _opt(None, "Free TCP port on node 0 for the rendezvous (default 29500).")
+
+
+@dataclass
 class TrainingArguments(transformers.TrainingArguments):
     """transformers.TrainingArguments with lmforge's defaults and LLaMA-Factory's extra names."""
 
@@ -253,8 +270,11 @@ class TrainingArguments(transformers.TrainingArguments):
             if self.warmup_steps:
                 raise LmforgeError("warmup_ratio and warmup_steps are both set: choose one")
             self.warmup_steps = self.warmup_ratio  # transformers reads a float < 1 as a ratio
-        if self.bf16 and not self.use_cpu and not _has_accelerator():
-            self.use_cpu = True  # bf16 autocast on CPU: transformers refuses it unless told
+        if not self.use_cpu and not _has_accelerator():
+            # No GPU: transformers forms a multi-process CPU group (and allows bf16 autocast) only with use_cpu
+            self.use_cpu = True
+        if self.use_cpu and self.ddp_backend is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self.ddp_backend = "gloo"
         try:
             super().__post_init__()
         except ValueError as err:

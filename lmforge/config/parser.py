@@ -14,10 +14,10 @@ from typing import Any, Literal, Union
 import yaml
 
 from lmforge.config.args import (DataArguments, DoctorArguments, ExportArguments, FinetuningArguments,
-                                 GenerationArguments, ModelArguments, TrainingArguments)
+                                 GenerationArguments, LaunchArguments, ModelArguments, TrainingArguments)
 from lmforge.errors import LmforgeError
 
-GROUPS: tuple[type, ...] = (ModelArguments, DataArguments, FinetuningArguments, TrainingArguments)
+GROUPS: tuple[type, ...] = (ModelArguments, DataArguments, FinetuningArguments, TrainingArguments, LaunchArguments)
 CHAT_GROUPS: tuple[type, ...] = (ModelArguments, GenerationArguments)
 EXPORT_GROUPS: tuple[type, ...] = (ModelArguments, ExportArguments)
 DOCTOR_GROUPS: tuple[type, ...] = (*GROUPS, DoctorArguments)
@@ -33,6 +33,7 @@ class TrainConfig:
     data: DataArguments
     finetuning: FinetuningArguments
     training: TrainingArguments
+    launch: LaunchArguments = field(default_factory=LaunchArguments)
     explicit: dict[str, Any] = field(default_factory=dict)
     config_path: str | None = None
 
@@ -235,8 +236,8 @@ def merge_sources(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
 def parse_train_config(argv: list[str]) -> TrainConfig:
     """Parse `lmforge train` / `preprocess` arguments into a TrainConfig."""
     config_path, raw = merge_sources(argv)
-    model, data, finetuning, training = build_groups(raw)
-    return TrainConfig(model, data, finetuning, training, explicit=dict(raw), config_path=config_path)
+    model, data, finetuning, training, launch = build_groups(raw)
+    return TrainConfig(model, data, finetuning, training, launch, explicit=dict(raw), config_path=config_path)
 
 
 def format_help(groups: tuple[type, ...] = GROUPS, width: int = 100) -> str:

@@ -61,8 +61,10 @@ def _text(value: Any, what: str) -> str:
 
 def alpaca_converter(spec: DatasetSpec, present: list[str]) -> Converter:
     cols = {k: spec.column(k) for k in ("prompt", "query", "response", "history", "system")}
-    if cols["history"] is None and "history" in present:
-        cols["history"] = "history"
+    for key in ("query", "history", "system"):  # optional unless the catalogue maps them explicitly
+        if key not in spec.columns:
+            cols[key] = key if key in present and cols[key] is None else cols[key]
+            cols[key] = cols[key] if cols[key] in present else None
     require_columns(spec, cols, present)
 
     def convert(row: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
@@ -156,11 +158,8 @@ def to_conversations(ds: datasets.Dataset, spec: DatasetSpec, stage: str, num_pr
         return _to_text(ds, spec, formatting, present, num_proc)
     if formatting == "text":
         raise LmforgeError(f"dataset '{spec.name}' is plain text; stage sft needs alpaca, sharegpt or openai rows")
-    if formatting == "alpaca":
-        convert = alpaca_converter(spec, present)
-    else:
-        spec.formatting = formatting
-        convert = sharegpt_converter(spec, present)
+    spec.formatting = formatting  # detected formats pick their own column and tag defaults
+    convert = alpaca_converter(spec, present) if formatting == "alpaca" else sharegpt_converter(spec, present)
 
     def apply(row: dict[str, Any], index: int) -> dict[str, Any]:
         try:

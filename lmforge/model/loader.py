@@ -60,7 +60,11 @@ def dequantize_gguf(gguf: Path, target: Path) -> Path:
     try:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():  # another process finished first: use its copy
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

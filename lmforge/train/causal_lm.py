@@ -86,19 +86,9 @@ def _hyperparameters(config: TrainConfig) -> dict[str, Any]:
     return chosen
 
 
-def run_causal_lm(config: TrainConfig) -> dict[str, Any]:
-    """Train a causal LM (stage pt or sft) and write every output; returns all_results."""
-    fingerprint = config_fingerprint(config.explicit)
-    resume = plan_output_dir(config, fingerprint)
-    if not config.model.train_from_scratch:  # fail fast, before the data is tokenized
-        check_weights(Path(resolve_model_path(config.model.model_name_or_path)), config.model.allow_pickle_weights)
+def build_trainer(config: TrainConfig, tokenizer: Any, data: Any, model: Any, fingerprint: str) -> LmforgeTrainer:
+    """The trainer with lmforge's collator (padded or packed), logs and progress bar."""
     args = config.training
-    tokenizer = prepare_tokenizer(config)
-    data = get_datasets(config.data, config.finetuning.stage, args.seed, tokenizer)
-    logger.info("data: %s", data.summary.describe())
-    if config.data.streaming and args.max_steps <= 0:
-        raise LmforgeError("streaming needs max_steps: the number of rows is unknown in advance")
-    model = build_model(config, tokenizer)
     packed = "lengths" in (data.train.column_names or [])
     collator = (PackedCollator(tokenizer.pad_token_id, config.model.attn_implementation) if packed
                 else PaddingCollator(tokenizer.pad_token_id))
@@ -111,6 +101,24 @@ def run_causal_lm(config: TrainConfig) -> dict[str, Any]:
         pack_size=config.data.cutoff_len if packed else None, fingerprint=fingerprint, nan_policy=args.nan_policy,
     )
     trainer.remove_callback(transformers.trainer_callback.ProgressCallback)
+    return trainer
+
+
+def run_causal_lm(config: TrainConfig) -> dict[str, Any]:
+    """Train a causal LM (stage pt or sft) and write every output; returns all_results."""
+    fingerprint = config_fingerprint(config.explicit)
+    resume = plan_output_dir(config, fingerprint)
+    if not config.model.train_from_scratch:  # fail fast, before the data is tokenized
+        check_weights(Path(resolve_model_path(config.model.model_name_or_path)), config.model.allow_pickle_weights)
+    args = config.training
+    tokenizer = prepare_tokenizer(config)
+    with args.main_process_first(desc="tokenizing"):  # rank 0 tokenizes; the others then read its cache
+        data = get_datasets(config.data, config.finetuning.stage, args.seed, tokenizer)
+    logger.info("data: %s", data.summary.describe())
+    if config.data.streaming and args.max_steps <= 0:
+        raise LmforgeError("streaming needs max_steps: the number of rows is unknown in advance")
+    model = build_model(config, tokenizer)
+    trainer = build_trainer(config, tokenizer, data, model, fingerprint)
     stop = StopOnSignal()
     trainer.add_callback(stop)
     with stop.installed():
@@ -143,5 +151,5 @@ def _write_reports(config: TrainConfig, results: dict[str, Any]) -> None:
         is_adapter=config.finetuning.finetuning_type == "lora",
     )
     logger.info("done: outputs in %s (train_loss %.4f%s)", out, results.get("train_loss", float("nan")),
-                   f", eval_loss {results['eval_loss']:.4f}, perplexity {results['perplexity']:.2f}"
-                   if "eval_loss" in results else "")
+                f", eval_loss {results['eval_loss']:.4f}, perplexity {results['perplexity']:.2f}"
+                if "eval_loss" in results else "")

@@ -20,7 +20,8 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Options that may change between a run and its resumption without making it another run.
 RESUME_NEUTRAL = {"resume_from_checkpoint", "overwrite_output_dir", "output_dir", "max_steps", "num_train_epochs",
                   "save_steps", "save_total_limit", "logging_steps", "report_to", "preprocessing_num_workers",
-                  "overwrite_cache", "plot_loss", "dataloader_num_workers"}
+                  "overwrite_cache", "plot_loss", "dataloader_num_workers", "nproc_per_node", "nnodes",
+                  "node_rank", "master_addr", "master_port"}
 
 
 def config_fingerprint(explicit: dict[str, Any]) -> str:

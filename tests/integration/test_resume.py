@@ -127,3 +127,23 @@ def test_disk_full_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(100, 99, 1))
     with pytest.raises(LmforgeError, match="not enough disk to save a checkpoint"):
         ensure_disk_space(tmp_path, 10_000)
+
+
+def test_lora_with_gradient_accumulation_resumes_bit_identical(tiny_llama_dir, tmp_path):
+    """Accumulation position and adapter optimizer state survive a SIGKILL too."""
+    def lora(out):
+        cmd = command(tiny_llama_dir, out)
+        cmd[cmd.index("full")] = "lora"
+        return cmd + ["--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "1", "--lora_rank", "4"]
+
+    base, out = tmp_path / "base", tmp_path / "killed"
+    subprocess.run(lora(base), check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(lora(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not (out / "checkpoint-4").is_dir():
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    subprocess.run(lora(out), check=True, capture_output=True, timeout=300)
+    a, b = load_file(base / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert step_losses(out) == step_losses(base)

@@ -239,3 +239,14 @@ def test_nan_policy(tmp_path, tiny_llama_dir, monkeypatch, policy, capsys):
         assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
         weights = _weights(out)
         assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_training_continues_from_an_existing_adapter(tmp_path, tiny_llama_dir):
+    first = train(tmp_path, "--model_name_or_path", str(tiny_llama_dir), "--dataset", "alpaca_demo", "--max_steps", "2",
+                  "--lora_rank", "4", "--learning_rate", "1e-2", name="first")
+    second = train(tmp_path, "--model_name_or_path", str(tiny_llama_dir), "--dataset", "alpaca_demo", "--max_steps", "2",
+                   "--adapter_name_or_path", str(first), "--learning_rate", "1e-2", name="second")
+    a, b = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
+    assert a.keys() == b.keys()  # the same adapter (rank 4), trained further
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((second / "adapter_config.json").read_text())["r"] == 4

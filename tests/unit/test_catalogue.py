@@ -84,3 +84,17 @@ def test_non_utf8_bytes_are_located(tmp_path):
     path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(LmforgeError, match=r"latin.jsonl:2: not valid UTF-8"):
         load(str(path), tmp_path, stage="pt")
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_csv_and_parquet_files_load_like_json(tmp_path, data_dir, suffix):
+    import datasets
+
+    reference = load("alpaca_demo", data_dir)
+    rows = json.loads((data_dir / "alpaca_demo.json").read_text())
+    table = datasets.Dataset.from_list([{k: r.get(k, "") for k in ("instruction", "input", "output")} for r in rows])
+    path = tmp_path / f"alpaca.{suffix}"
+    table.to_csv(str(path)) if suffix == "csv" else table.to_parquet(str(path))
+    ds = load(str(path), tmp_path)
+    assert len(ds) == 30
+    assert ds[0]["_messages"] == reference[0]["_messages"]
