@@ -147,3 +147,17 @@ def test_lora_with_gradient_accumulation_resumes_bit_identical(tiny_llama_dir, t
     a, b = load_file(base / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert step_losses(out) == step_losses(base)
+
+
+def test_a_second_ctrl_c_stops_at_once(tiny_llama_dir, tmp_path):
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(command(tiny_llama_dir, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not (tmp_path / "interrupted" / "trainer_log.jsonl").is_file():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-2000:]
+    assert "SIGINT: finishing this step" in err and "lmforge: interrupted" in err
+    assert not (out / "model.safetensors").exists()

@@ -250,3 +250,18 @@ def test_training_continues_from_an_existing_adapter(tmp_path, tiny_llama_dir):
     assert a.keys() == b.keys()  # the same adapter (rank 4), trained further
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert json.loads((second / "adapter_config.json").read_text())["r"] == 4
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path, tiny_llama_dir, method):
+    common = ["--model_name_or_path", str(tiny_llama_dir), "--dataset", "alpaca_demo", "--max_samples", "8",
+              "--finetuning_type", method, "--max_steps", "2", "--per_device_train_batch_size", "4",
+              "--learning_rate", "1e-2"]
+    plain = train(tmp_path, *common, name="plain")
+    ckpt = train(tmp_path, *common, "--gradient_checkpointing", "true", name="ckpt")
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in (out / "trainer_log.jsonl").read_text().splitlines()
+                if '"loss"' in line]
+
+    assert losses(plain) == pytest.approx(losses(ckpt), abs=1e-5)
