@@ -15,18 +15,11 @@ import subprocess
 import sys
 
 
-def peak_rss_mb() -> float:
+def status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmHWM: peak RSS, VmRSS: current)."""
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -44,7 +37,7 @@ def one(vocab: int, mode: str, seq: int, batch: int) -> dict:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=seq)
     model = LlamaForCausalLM(config)
     ids = torch.randint(0, vocab, (batch, seq))  # (B, T)
-    base = rss_mb()
+    base = status_mb("VmRSS")
     start = time.perf_counter()
     if mode == "plain":
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -54,7 +47,7 @@ def one(vocab: int, mode: str, seq: int, batch: int) -> dict:
         loss = linear_cross_entropy(captured["hidden"], model.lm_head, ids)
     loss.backward()
     return {"vocab": vocab, "loss": mode, "step_s": round(time.perf_counter() - start, 2),
-            "extra_peak_mb": round(peak_rss_mb() - base), "loss_value": round(loss.item(), 4)}
+            "extra_peak_mb": round(status_mb("VmHWM") - base), "loss_value": round(loss.item(), 4)}
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import datasets
+import pyarrow.compute as pc
 
 from lmforge import __version__
 from lmforge.cache import cache_root
@@ -195,7 +196,7 @@ def build_datasets(args: DataArguments, stage: str, seed: int, tokenizer: Any) -
     else:
         train, evald = _split(train, args.val_size, seed)  # pt: blocks, sft: conversations
     summary.examples = len(train)
-    summary.tokens = sum(len(x) for x in train["input_ids"])
+    summary.tokens = int(pc.sum(token_lengths(train)).as_py() or 0)
     summary.eval_examples = len(evald) if evald is not None else 0
     if args.packing:
         train, efficiency = pack_dataset(train, args.cutoff_len, seed)
@@ -205,16 +206,16 @@ def build_datasets(args: DataArguments, stage: str, seed: int, tokenizer: Any) -
     return PreparedData(train, evald, summary)
 
 
-def with_length_column(ds: datasets.Dataset) -> datasets.Dataset:
-    """A `length` column (computed by pyarrow), so the group_by_length sampler need not scan the data."""
-    import pyarrow.compute as pc
+def token_lengths(ds: datasets.Dataset) -> Any:
+    """Length of every row's input_ids, computed by pyarrow without building Python lists."""
+    return pc.list_value_length(ds.with_format("arrow")[:]["input_ids"])
 
+
+def with_length_column(ds: datasets.Dataset) -> datasets.Dataset:
+    """A `length` column, so the group_by_length sampler need not scan the data."""
     if "length" in ds.column_names:
         return ds
-    with _quiet_datasets():
-        return ds.with_format("arrow").map(
-            lambda t: t.append_column("length", pc.list_value_length(t["input_ids"])), batched=True,
-            batch_size=10_000).with_format(None)
+    return ds.add_column("length", token_lengths(ds).to_pylist())
 
 
 def save_prepared(data: PreparedData, path: Path) -> None:
