@@ -91,7 +91,7 @@ def build_trainer(config: TrainConfig, tokenizer: Any, data: Any, model: Any, fi
     args = config.training
     packed = "lengths" in (data.train.column_names or [])
     collator = (PackedCollator(tokenizer.pad_token_id, config.model.attn_implementation) if packed
-                else PaddingCollator(tokenizer.pad_token_id))
+                else PaddingCollator(tokenizer.pad_token_id, causal_mask_only=True))
     args.remove_unused_columns = False  # the collators take what they need (`lengths` included)
     if args.train_sampling_strategy == "group_by_length" and not config.data.streaming:
         data.train = with_length_column(data.train)

@@ -100,3 +100,27 @@ def test_flash_layout_is_one_flat_row_with_restarting_positions():
     assert batch["input_ids"].shape == (1, n) and "attention_mask" not in batch
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
     assert len(starts) == 6 and starts[0] == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_right_padding_needs_no_mask_under_causal_attention(arch):
+    """Dropping the padding mask changes nothing at real positions: loss, logits, gradients."""
+    from lmforge.data.collator import PaddingCollator
+
+    examples = make_examples(sizes=(5, 11, 8))
+    features = [{"input_ids": ids, "labels": labels} for ids, labels in examples]
+    results = []
+    for causal_only in (False, True):
+        model = tiny(arch, "sdpa").train()
+        batch = PaddingCollator(0, causal_mask_only=causal_only)(features)
+        for key in COUNT_KEYS:
+            batch.pop(key)
+        assert ("attention_mask" in batch) is not causal_only
+        out = model(**batch)
+        out.loss.backward()
+        results.append((out, [p.grad.clone() for p in model.parameters()]))
+    (masked, grads_masked), (causal, grads_causal) = results
+    real = torch.tensor([[i < len(e[0]) for i in range(11)] for e in examples])
+    assert causal.loss.item() == pytest.approx(masked.loss.item(), abs=1e-6)
+    assert (causal.logits[real] - masked.logits[real]).abs().max() <= 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(grads_masked, grads_causal)) <= 1e-5
