@@ -144,11 +144,10 @@ def cmd_data(argv: list[str]) -> None:
     """lmforge data check CONFIG.yaml: rows per dataset, invalid rows (file:line), duplicates, length
     statistics and histogram, what cutoff_len truncates or drops, the share of tokens that carry
     loss, and rendered examples with the trained tokens marked."""
-    from lmforge.config.parser import DOCTOR_GROUPS, build_groups, merge_sources
-    from lmforge.config.parser import TrainConfig
+    from lmforge.config.parser import DOCTOR_GROUPS, TrainConfig, build_groups, merge_sources
     from lmforge.data.doctor import run_data_check
-    from lmforge.model.loader import load_tokenizer
     from lmforge.data.templates import get_template
+    from lmforge.model.loader import load_tokenizer
 
     if not argv or argv[0] != "check":
         raise LmforgeError("usage: lmforge data check CONFIG.yaml [--key value ...]")

@@ -63,8 +63,8 @@ def alpaca_converter(spec: DatasetSpec, present: list[str]) -> Converter:
     cols = {k: spec.column(k) for k in ("prompt", "query", "response", "history", "system")}
     for key in ("query", "history", "system"):  # optional unless the catalogue maps them explicitly
         if key not in spec.columns:
-            cols[key] = key if key in present and cols[key] is None else cols[key]
-            cols[key] = cols[key] if cols[key] in present else None
+            column = cols[key] or key
+            cols[key] = column if column in present else None
     require_columns(spec, cols, present)
 
     def convert(row: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
