@@ -52,6 +52,8 @@ def _setup_logging() -> None:
         root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("lmforge").setLevel(logging.INFO)
+    # bitsandbytes says on import that an optional speed-up package is missing; 4-bit works without it
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 
@@ -64,7 +66,8 @@ def _setup_logging() -> None:
 
 
 def cmd_train(argv: list[str]) -> int | None:
-    """Train a causal LM: stage pt (raw text) or sft (conversations), full, freeze or LoRA. With
+    """Train a causal LM: stage pt (raw text), sft (conversations), rm (reward model) or dpo (preference
+    pairs), full, freeze or LoRA (QLoRA with quantization_bit). With
     nproc_per_node / nnodes (or FORCE_TORCHRUN=1) it re-launches itself through torchrun."""
     from lmforge.config import parse_train_config
     from lmforge.launch import launch_settings, relaunch
@@ -74,7 +77,12 @@ def cmd_train(argv: list[str]) -> int | None:
     settings = launch_settings(config)
     if settings is not None:
         return relaunch(settings, argv)
-    run_causal_lm(config)
+    if config.finetuning.stage in ("rm", "dpo"):
+        from lmforge.train.preference import run_preference
+
+        run_preference(config)
+    else:
+        run_causal_lm(config)
     return None
 
 
@@ -214,8 +222,13 @@ def command_help(name: str) -> str:
     return head
 
 
+def drop_launcher_rank(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher adds --local_rank=N to every process; LOCAL_RANK in the environment says the same."""
+    return [a for a in argv if not a.startswith("--local_rank=")]
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = drop_launcher_rank(sys.argv[1:] if argv is None else list(argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0

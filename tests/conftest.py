@@ -74,13 +74,13 @@ def llama3_tokenizer():
     return tok
 
 
-def build_tiny_model(tokenizer_dir: Path, out: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """A 2-layer, hidden-32 random model of `arch` with the given tokenizer, saved to `out`."""
+def build_tiny_model(tokenizer_dir: Path, out: Path, arch: str = "llama", seed: int = 0, hidden: int = 32) -> Path:
+    """A 2-layer, hidden-32 (or `hidden`) random model of `arch` with the given tokenizer, saved to `out`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = AutoConfig.for_model(
-        arch, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        arch, vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
@@ -94,6 +94,12 @@ def build_tiny_model(tokenizer_dir: Path, out: Path, arch: str = "llama", seed: 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(smol_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(smol_tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama64_dir(smol_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Hidden 64: bitsandbytes' CPU 4-bit kernels need layers at least one 64-value block wide."""
+    return build_tiny_model(smol_tokenizer_dir, tmp_path_factory.mktemp("tiny-llama64"), hidden=64)
 
 
 @pytest.fixture()

@@ -4,7 +4,10 @@ same, so its users' YAML files run unchanged."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+from pathlib import Path
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -63,8 +66,19 @@ class ModelArguments:
     allow_pickle_weights: bool = _opt(
         False, "Load weights from pickle files (pytorch_model.bin), which can run code when loaded; off by default."
     )
+    quantization_bit: int | None = _opt(
+        None,
+        "Load the base model in 4 or 8 bits through bitsandbytes (QLoRA: finetuning_type lora). The adapters and "
+        "the computation stay in higher precision (bf16 with bf16: true, fp16 with fp16: true, else float32).",
+    )
+    quantization_type: Literal["nf4", "fp4"] = _opt("nf4", "4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.")
+    double_quantization: bool = _opt(True, "4-bit: quantize the quantization constants too (~0.4 bit/param saved).")
 
     def __post_init__(self) -> None:
+        if self.quantization_bit not in (None, 4, 8):
+            raise LmforgeError(f"quantization_bit must be 4 or 8, got {self.quantization_bit}")
+        if self.quantization_bit and self.train_from_scratch:
+            raise LmforgeError("quantization_bit needs pretrained weights: remove it or train_from_scratch")
         if self.model_config is None:
             self.model_config = {}
         if not isinstance(self.model_config, dict):
@@ -158,7 +172,11 @@ class DataArguments:
 class FinetuningArguments:
     """What is trained: the stage and which parameters learn."""
 
-    stage: Literal["pt", "sft"] = _opt("sft", "Training stage: pt (next-token on raw text) or sft (chat data).")
+    stage: Literal["pt", "sft", "rm", "dpo"] = _opt(
+        "sft",
+        "Training stage: pt (next-token on raw text), sft (chat data), rm (a reward model on chosen/rejected "
+        "pairs) or dpo (preference optimisation on pairs; the loss is pref_loss).",
+    )
     finetuning_type: Literal["lora", "freeze", "full"] = _opt(
         "lora", "Which weights learn: lora (adapters via peft), freeze (the last layers), full."
     )
@@ -183,8 +201,33 @@ class FinetuningArguments:
         None, "freeze: comma-separated modules outside the blocks that also train (e.g. embed_tokens,norm)."
     )
     plot_loss: bool = _opt(True, "Save training_loss.png (and eval_loss.png) in output_dir.")
+    pref_beta: float = _opt(
+        0.1, "dpo: strength of the preference term (DPO's beta; for orpo the weight of the odds-ratio term)."
+    )
+    pref_loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = _opt(
+        "sigmoid",
+        "dpo: sigmoid (DPO), ipo, hinge (both against the reference model), orpo or simpo (reference-free, "
+        "on length-averaged log-probabilities).",
+    )
+    pref_ftx: float = _opt(0.0, "dpo: weight of an added SFT loss on the chosen responses (0 = none).")
+    simpo_gamma: float = _opt(0.5, "simpo: target reward margin gamma.")
+    precompute_ref_log_probs: bool = _opt(
+        False, "dpo with full/freeze tuning: compute the reference log-probs once before training, so no "
+        "reference copy stays in memory (LoRA needs no copy: the reference is the adapter disabled).",
+    )
 
     def __post_init__(self) -> None:
+        if self.pref_beta <= 0:
+            raise LmforgeError(f"pref_beta must be > 0, got {self.pref_beta}")
+        if self.pref_ftx < 0:
+            raise LmforgeError(f"pref_ftx must be >= 0, got {self.pref_ftx}")
+        if self.stage != "dpo":
+            defaults = {f.name: f.default for f in fields(self)}
+            changed = [n for n in ("pref_beta", "pref_loss", "pref_ftx", "simpo_gamma", "precompute_ref_log_probs")
+                       if getattr(self, n) != defaults[n]]
+            if changed:
+                raise LmforgeError(f"{changed[0]} applies only to stage: dpo, but stage is {self.stage}: "
+                                   f"set stage: dpo or remove {changed[0]}")
         self._reject_foreign_options("lora", ("lora_rank", "lora_alpha", "lora_dropout", "lora_target",
                                               "additional_target", "use_dora", "use_rslora"))
         self._reject_foreign_options("freeze", ("freeze_trainable_layers", "freeze_trainable_modules",
@@ -275,10 +318,34 @@ class TrainingArguments(transformers.TrainingArguments):
             self.use_cpu = True
         if self.use_cpu and self.ddp_backend is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self.ddp_backend = "gloo"
+        if isinstance(self.deepspeed, str):
+            check_deepspeed_config(self.deepspeed, str(getattr(self.optim, "value", self.optim)))
         try:
             super().__post_init__()
         except ValueError as err:
             raise LmforgeError(f"invalid training option: {err}") from err
+
+
+OFFLOAD_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+
+
+def check_deepspeed_config(path: str, optim: str) -> None:
+    """A readable DeepSpeed JSON, DeepSpeed installed, and an optimizer its CPU offload runs correctly."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise LmforgeError("deepspeed is set but DeepSpeed is not installed: pip install 'lmforge[deepspeed]'")
+    file = Path(path)
+    if not file.is_file():
+        raise LmforgeError(f"deepspeed: no such file {path} (ready configs are in examples/deepspeed/)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise LmforgeError(f"deepspeed: {path} line {err.lineno} column {err.colno}: {err.msg}") from err
+    zero = config.get("zero_optimization", {})
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    if offload and "optimizer" not in config and optim not in OFFLOAD_OPTIMIZERS:
+        # DeepSpeed applies other torch optimizers to offloaded partitions wrongly (sgd diverged in our check)
+        raise LmforgeError(f"deepspeed: {path} offloads the optimizer, which runs Adam-family optimizers only: "
+                           f"set optim: adamw_torch (not {optim}) or remove offload_optimizer")
 
 
 @dataclass

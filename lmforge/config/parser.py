@@ -37,6 +37,17 @@ class TrainConfig:
     explicit: dict[str, Any] = field(default_factory=dict)
     config_path: str | None = None
 
+    def __post_init__(self) -> None:
+        """Checks that span option groups."""
+        if self.model.quantization_bit:
+            if self.finetuning.finetuning_type != "lora":
+                raise LmforgeError(f"quantization_bit trains LoRA adapters on a frozen quantized base: set "
+                                   f"finetuning_type: lora (not {self.finetuning.finetuning_type})")
+            ds = getattr(self.training, "hf_deepspeed_config", None)
+            if self.training.fsdp or (ds is not None and ds.is_zero3()):
+                raise LmforgeError("quantization_bit is not supported with FSDP or DeepSpeed ZeRO-3 yet: "
+                                   "use DDP (nproc_per_node) or ZeRO-2")
+
 
 class _Mismatch(Exception):
     pass
@@ -46,9 +57,13 @@ def init_fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if f.init}
 
 
+# transformers types these `str` but also takes a bool (`fsdp: true`, the settings in fsdp_config).
+TYPE_OVERRIDES: dict[str, Any] = {"fsdp": Union[bool, str, None]}
+
+
 def field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
-    return {name: hints.get(name, Any) for name in init_fields(cls)}
+    return {name: TYPE_OVERRIDES.get(name, hints.get(name, Any)) for name in init_fields(cls)}
 
 
 def _is_union(tp: Any) -> bool:

@@ -24,13 +24,15 @@ from lmforge.data.catalogue import DatasetSpec, resolve_datasets
 from lmforge.data.formats import map_rows, to_conversations
 from lmforge.data.loader import load_raw
 from lmforge.data.packing import pack_dataset
+from lmforge.data.pairwise import encode_pairs_batch, to_pairs
 from lmforge.data.processors import (DROPPED, TRUNCATED, MaskPolicy, encode_pt_batch, encode_pt_documents,
                                      encode_sft_batch)
 from lmforge.data.templates import get_template
 from lmforge.errors import LmforgeError
 
 logger = logging.getLogger(__name__)
-PROCESSING_VERSION = 2  # bump when tokenization output changes, to invalidate caches
+PAIRWISE_STAGES = ("rm", "dpo")  # chosen/rejected pairs
+PROCESSING_VERSION = 3  # bump when tokenization output changes, to invalidate caches
 STAT_COLUMNS = ("_status", "_loss_tokens")
 
 
@@ -121,7 +123,10 @@ def load_conversations(names: str | None, args: DataArguments, stage: str, seed:
             ds = ds.take(min(limits)) if args.streaming else ds.select(range(min(min(limits), len(ds))))
         if not args.streaming:
             report.rows[spec.name] = len(ds)
-        converted = to_conversations(ds, spec, stage, num_proc, placeholders, args.skip_invalid_examples)
+        if stage in PAIRWISE_STAGES:
+            converted = to_pairs(ds, spec, num_proc, placeholders, args.skip_invalid_examples)
+        else:
+            converted = to_conversations(ds, spec, stage, num_proc, placeholders, args.skip_invalid_examples)
         parts.append(_drop_invalid(converted, report))
     if len(parts) == 1:
         return parts[0]
@@ -148,6 +153,9 @@ def _tokenize(ds: Any, tokenizer: Any, args: DataArguments, stage: str, num_proc
     if stage == "pt":
         encode = encode_pt_documents if args.packing else encode_pt_batch
         fn = partial(encode, tokenizer=tokenizer, block_size=args.cutoff_len)
+    elif stage in PAIRWISE_STAGES:
+        template = get_template(args.template, tokenizer)
+        fn = partial(encode_pairs_batch, tokenizer=tokenizer, template=template, cutoff_len=args.cutoff_len)
     else:
         template = get_template(args.template, tokenizer)
         policy = MaskPolicy(args.cutoff_len, args.train_on_prompt, args.mask_history)
@@ -196,7 +204,7 @@ def build_datasets(args: DataArguments, stage: str, seed: int, tokenizer: Any) -
     else:
         train, evald = _split(train, args.val_size, seed)  # pt: blocks, sft: conversations
     summary.examples = len(train)
-    summary.tokens = int(pc.sum(token_lengths(train)).as_py() or 0)
+    summary.tokens = count_tokens(train)
     summary.eval_examples = len(evald) if evald is not None else 0
     if args.packing:
         train, efficiency = pack_dataset(train, args.cutoff_len, seed)
@@ -204,6 +212,15 @@ def build_datasets(args: DataArguments, stage: str, seed: int, tokenizer: Any) -
         summary.extra["packing_efficiency"] = round(efficiency, 4)
         summary.extra["packed_rows"] = len(train)
     return PreparedData(train, evald, summary)
+
+
+def count_tokens(ds: datasets.Dataset) -> int:
+    """Tokens the model reads: input_ids, or for pairs the prompt twice plus both answers."""
+    table = ds.with_format("arrow")[:]
+    if "input_ids" in ds.column_names:
+        return int(pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0)
+    lengths = {k: pc.sum(pc.list_value_length(table[k])).as_py() or 0 for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    return int(2 * lengths["prompt_ids"] + lengths["chosen_ids"] + lengths["rejected_ids"])
 
 
 def token_lengths(ds: datasets.Dataset) -> Any:

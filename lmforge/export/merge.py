@@ -56,6 +56,9 @@ def merge_adapters(model: Any, tokenizer: Any, adapters: list[str], tolerance: f
 
 
 def run_export(model_args: ModelArguments, args: ExportArguments) -> dict[str, Any]:
+    if model_args.quantization_bit:
+        raise LmforgeError(f"cannot merge into a {model_args.quantization_bit}-bit base: remove quantization_bit, "
+                           "so the adapter (QLoRA's too) merges into the full-precision base model")
     out = check_export_dir(args.export_dir)
     fill_base_model(model_args)
     adapters = split_names(model_args.adapter_name_or_path)

@@ -55,7 +55,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def linear_module_names(model: nn.Module) -> list[str]:
     """Short names of every linear layer except the output head: what `lora_target: all` adapts."""
-    output = model.get_output_embeddings()
+    output = model.get_output_embeddings() or getattr(model, "score", None)  # LM head or reward head
     names = {name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output}
     return sorted(names)
 
@@ -123,8 +123,10 @@ def setup_lora(model: nn.Module, args: FinetuningArguments, model_args: ModelArg
         if unknown:
             raise LmforgeError(f"lora_target: {unknown} are not linear layers of this model; "
                                f"available: {', '.join(available)} (or all)")
+        reward = getattr(model, "score", None) is not None and model.get_output_embeddings() is None
         config = LoraConfig(
-            task_type="CAUSAL_LM", r=args.lora_rank, lora_alpha=args.effective_lora_alpha,
+            task_type="SEQ_CLS" if reward else "CAUSAL_LM",  # SEQ_CLS also trains the new score head in full
+            r=args.lora_rank, lora_alpha=args.effective_lora_alpha,
             lora_dropout=args.lora_dropout, target_modules=targets, use_dora=args.use_dora,
             use_rslora=args.use_rslora, modules_to_save=split_names(args.additional_target) or None,
         )
@@ -140,7 +142,12 @@ def setup_finetuning(model: nn.Module, args: FinetuningArguments, model_args: Mo
         raise LmforgeError("adapter_name_or_path needs finetuning_type: lora")
     if args.finetuning_type == "full":
         return setup_full(model)
-    if gradient_checkpointing:
+    if getattr(model, "is_quantized", False):
+        from peft import prepare_model_for_kbit_training
+
+        # norms and embeddings to float32 for stable training; the 4/8-bit weights stay as they are
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
     if args.finetuning_type == "freeze":
         return setup_freeze(model, args)

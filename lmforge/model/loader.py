@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
 import shutil
 import tempfile
 from functools import lru_cache
@@ -153,9 +154,33 @@ def build_config(args: ModelArguments, tokenizer: Any) -> Any:
     return config
 
 
-def load_model(args: ModelArguments, tokenizer: Any) -> Any:
-    """Pretrained weights, or random ones for `train_from_scratch`."""
-    from transformers import AutoModelForCausalLM
+def quantization_settings(args: ModelArguments, compute_dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained arguments for a bitsandbytes 4- or 8-bit base (QLoRA), or {} without quantization_bit."""
+    if not args.quantization_bit:
+        return {}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LmforgeError("quantization_bit needs bitsandbytes: pip install 'lmforge[bnb]'")
+    from transformers import BitsAndBytesConfig
+
+    if args.quantization_bit == 4:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.quantization_type,
+                                    bnb_4bit_use_double_quant=args.double_quantization,
+                                    bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    # each process holds its whole (quantized) copy on its own device
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
+def load_model(args: ModelArguments, tokenizer: Any, compute_dtype: torch.dtype = torch.float32,
+               reward_head: bool = False) -> Any:
+    """Pretrained weights (optionally quantized, computing in `compute_dtype`), or random ones for
+    `train_from_scratch`. With `reward_head`, the causal LM's body under a new one-output score head
+    (a reward model: the score of the last non-padding token)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
 
     _check_attention(args.attn_implementation)
     common = {"dtype": _torch_dtype(args.torch_dtype), "attn_implementation": args.attn_implementation,
@@ -163,13 +188,18 @@ def load_model(args: ModelArguments, tokenizer: Any) -> Any:
     if args.train_from_scratch:
         config = build_config(args, tokenizer)
         common["dtype"] = torch.float32 if common["dtype"] == "auto" else common["dtype"]
-        return AutoModelForCausalLM.from_config(config, **common)
+        if reward_head:
+            config.num_labels = 1
+        return auto.from_config(config, **common)
     if args.model_config:
         raise LmforgeError("model_config overrides the architecture and needs train_from_scratch: true")
     path = resolve_model_path(args.model_name_or_path)
     common["use_safetensors"] = check_weights(Path(path), args.allow_pickle_weights)
+    common |= quantization_settings(args, compute_dtype)
+    if args.quantization_bit and common["dtype"] == "auto":
+        common["dtype"] = compute_dtype  # the layers left unquantized (norms, embeddings)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **common)
+        model = auto.from_pretrained(path, **common, **({"num_labels": 1} if reward_head else {}))
     except (OSError, ValueError) as err:
         raise LmforgeError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from None
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:

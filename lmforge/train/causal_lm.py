@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 
 from lmforge.config import TrainConfig
@@ -50,7 +51,7 @@ def plan_output_dir(config: TrainConfig, fingerprint: str) -> str | None:
 def prepare_tokenizer(config: TrainConfig) -> Any:
     """The tokenizer; with a catalogue template it carries that template as its chat_template."""
     tokenizer = load_tokenizer(config.model)
-    if config.finetuning.stage == "sft":
+    if config.finetuning.stage != "pt":
         template = get_template(config.data.template, tokenizer)
         mismatch = template_mismatch(template, tokenizer, tokenizer.chat_template)
         if mismatch:
@@ -62,9 +63,22 @@ def prepare_tokenizer(config: TrainConfig) -> Any:
     return tokenizer
 
 
-def build_model(config: TrainConfig, tokenizer: Any) -> Any:
+def form_process_group(args: Any) -> None:
+    """Start the process group before the model loads: DeepSpeed ZeRO-3 partitions it while loading."""
+    _ = args.device  # transformers forms the group (gloo on CPU) on first use
+    if args.deepspeed and torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # adopts the existing group
+
+
+def build_model(config: TrainConfig, tokenizer: Any, reward_head: bool = False) -> Any:
+    """The model with its trainable parameters chosen; `reward_head` for a reward model."""
     transformers.set_seed(config.training.seed)  # the same random init for train_from_scratch
-    model = load_model(config.model, tokenizer)
+    t = config.training
+    compute_dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+    model = load_model(config.model, tokenizer, compute_dtype, reward_head=reward_head)
+    transformers.set_seed(config.training.seed)  # the same adapter init however the model was loaded (ZeRO-3 too)
     model = setup_finetuning(model, config.finetuning, config.model, config.training.gradient_checkpointing)
     total, trainable = count_parameters(model)
     logger.info("parameters: %s total, %s trainable (%.4f%%)", f"{total:,}", f"{trainable:,}",
@@ -104,21 +118,26 @@ def build_trainer(config: TrainConfig, tokenizer: Any, data: Any, model: Any, fi
     return trainer
 
 
-def run_causal_lm(config: TrainConfig) -> dict[str, Any]:
-    """Train a causal LM (stage pt or sft) and write every output; returns all_results."""
+def prepare_run(config: TrainConfig) -> tuple[str, str | None, Any, Any]:
+    """(fingerprint, checkpoint to resume, tokenizer, data): the steps every stage shares before the model."""
     fingerprint = config_fingerprint(config.explicit)
     resume = plan_output_dir(config, fingerprint)
     if not config.model.train_from_scratch:  # fail fast, before the data is tokenized
         check_weights(Path(resolve_model_path(config.model.model_name_or_path)), config.model.allow_pickle_weights)
     args = config.training
+    form_process_group(args)
     tokenizer = prepare_tokenizer(config)
     with args.main_process_first(desc="tokenizing"):  # rank 0 tokenizes; the others then read its cache
         data = get_datasets(config.data, config.finetuning.stage, args.seed, tokenizer)
     logger.info("data: %s", data.summary.describe())
     if config.data.streaming and args.max_steps <= 0:
         raise LmforgeError("streaming needs max_steps: the number of rows is unknown in advance")
-    model = build_model(config, tokenizer)
-    trainer = build_trainer(config, tokenizer, data, model, fingerprint)
+    return fingerprint, resume, tokenizer, data
+
+
+def train_and_report(config: TrainConfig, trainer: Any, model: Any, data: Any, resume: str | None) -> dict[str, Any]:
+    """Train (stoppable by signal), save the model and state, evaluate, write every report."""
+    args = config.training
     stop = StopOnSignal()
     trainer.add_callback(stop)
     with stop.installed():
@@ -133,10 +152,19 @@ def run_causal_lm(config: TrainConfig) -> dict[str, Any]:
     total, trainable = count_parameters(model)
     results = build_results(train_result.metrics, eval_metrics, {
         "train_examples": data.summary.examples, "train_tokens": data.summary.tokens,
-        "parameters_total": total, "parameters_trainable": trainable})
+        "parameters_total": total, "parameters_trainable": trainable},
+        perplexity=config.finetuning.stage in ("pt", "sft"))
     if trainer.is_world_process_zero():
         _write_reports(config, results)
     return results
+
+
+def run_causal_lm(config: TrainConfig) -> dict[str, Any]:
+    """Train a causal LM (stage pt or sft) and write every output; returns all_results."""
+    fingerprint, resume, tokenizer, data = prepare_run(config)
+    model = build_model(config, tokenizer)
+    trainer = build_trainer(config, tokenizer, data, model, fingerprint)
+    return train_and_report(config, trainer, model, data, resume)
 
 
 def _write_reports(config: TrainConfig, results: dict[str, Any]) -> None:
@@ -151,5 +179,5 @@ def _write_reports(config: TrainConfig, results: dict[str, Any]) -> None:
         is_adapter=config.finetuning.finetuning_type == "lora",
     )
     logger.info("done: outputs in %s (train_loss %.4f%s)", out, results.get("train_loss", float("nan")),
-                f", eval_loss {results['eval_loss']:.4f}, perplexity {results['perplexity']:.2f}"
-                if "eval_loss" in results else "")
+                (f", eval_loss {results['eval_loss']:.4f}" if "eval_loss" in results else "")
+                + (f", perplexity {results['perplexity']:.2f}" if "perplexity" in results else ""))

@@ -31,7 +31,8 @@ def plot_losses(output_dir: str | Path) -> list[Path]:
 
     records = read_log(output_dir)
     written = []
-    for key, name in (("loss", "training_loss.png"), ("eval_loss", "eval_loss.png")):
+    for key, name in (("loss", "training_loss.png"), ("eval_loss", "eval_loss.png"),
+                      ("rewards/margins", "reward_margins.png"), ("accuracy", "reward_accuracy.png")):
         points = [(r["step"], r[key]) for r in records if key in r]
         if not points:
             continue
@@ -45,18 +46,20 @@ def plot_losses(output_dir: str | Path) -> list[Path]:
         ax.set_title(f"{key} of {Path(output_dir).name}")
         ax.legend()
         fig.tight_layout()
-        path = Path(output_dir) / name
+        path = Path(output_dir) / name  # keys with "/" (TRL's metric names) keep their plain file name
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
     return written
 
 
-def build_results(train_metrics: dict[str, Any], eval_metrics: dict[str, Any] | None, extra: dict[str, Any]) -> dict[str, Any]:
+def build_results(train_metrics: dict[str, Any], eval_metrics: dict[str, Any] | None, extra: dict[str, Any],
+                  perplexity: bool = True) -> dict[str, Any]:
+    """Train and eval metrics plus `extra`; perplexity from eval_loss when that is a next-token loss."""
     results = {k: v for k, v in train_metrics.items()}
     if eval_metrics:
         results.update(eval_metrics)
-        if "eval_loss" in eval_metrics:
+        if perplexity and "eval_loss" in eval_metrics:
             results["perplexity"] = math.exp(min(eval_metrics["eval_loss"], 700.0))
     results.update(extra)
     return results

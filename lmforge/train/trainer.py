@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from lmforge.data.collator import COUNT_KEYS
 from lmforge.errors import LmforgeError
@@ -20,7 +22,78 @@ LARGE_VOCAB = 32_000
 logger = logging.getLogger(__name__)
 
 
-class LmforgeTrainer(Trainer):
+class EngineMixin:
+    """What every lmforge trainer shares, whether it extends `transformers.Trainer` or a TRL trainer:
+    checkpoints staged in output_dir/.staging with a manifest and renamed into place, rotation that
+    never removes the resume source, FSDP2 on CPU, engine-gathered weights saved without tied copies,
+    and a log line naming the engine."""
+
+    def setup_engine(self, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+        self.protected: set[str] = set()  # the checkpoint being resumed from: never rotated away
+        self.add_callback(EngineReport(self))
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if self.args.fsdp_plugin_args and state.distributed_type == DistributedType.MULTI_CPU:
+            # accelerate enables FSDP on accelerators only; torch's fully_shard itself runs on CPU with gloo
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            state.distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = True
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not (self.is_fsdp_enabled and self.args.use_cpu):
+            return super().save_model(output_dir, _internal_call)
+        # FSDP2 on CPU: gathered tensors would alias buffers that fully_shard frees again, so gather copies
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+        state_dict = {k: v.clone() for k, v in get_model_state_dict(self.model, options=options).items()}
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
+        if state_dict is not None:  # gathered by an engine (DeepSpeed): tied weights arrive as separate copies
+            state_dict = drop_tied_copies(self.accelerator.unwrap_model(self.model), state_dict)
+        super()._save(output_dir, state_dict)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Save into output_dir/.staging, write a manifest, then rename the whole folder into place."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staged, final = run_dir / ckpt.STAGING / name, run_dir / name
+        existing = ckpt.checkpoints(run_dir)
+        needed = ckpt.folder_size(existing[-1]) if existing else 4 * sum(
+            p.numel() * p.element_size() for p in self.model.parameters())
+        ckpt.ensure_disk_space(run_dir, int(needed * 1.1))
+        if self.is_world_process_zero():
+            shutil.rmtree(staged, ignore_errors=True)  # left over from a run killed while saving
+        self.accelerator.wait_for_everyone()
+        output_dir, limit = self.args.output_dir, self.args.save_total_limit
+        self.args.output_dir, self.args.save_total_limit = str(run_dir / ckpt.STAGING), None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir, self.args.save_total_limit = output_dir, limit
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            ckpt.write_manifest(staged, self.fingerprint, self.state.global_step)
+            if final.exists():
+                shutil.rmtree(final)  # a stale checkpoint of the same step from an earlier, abandoned run
+            staged.rename(final)
+            ckpt.rotate(run_dir, limit, self.protected)
+        self.accelerator.wait_for_everyone()
+
+    def train(self, resume_from_checkpoint: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        if resume_from_checkpoint:
+            self.protected.add(str(Path(resume_from_checkpoint).resolve()))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+class LmforgeTrainer(EngineMixin, Trainer):
     """Counts the tokens each optimizer step really computes and logs, per logging step:
     tokens_per_second (non-padding tokens), padding_fraction, packing_efficiency (packed runs), elapsed_s.
 
@@ -31,10 +104,9 @@ class LmforgeTrainer(Trainer):
     def __init__(self, *args: Any, pack_size: int | None = None, fingerprint: str = "", nan_policy: str = "stop",
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.setup_engine(fingerprint)
         self.pack_size = pack_size
-        self.fingerprint = fingerprint
         self.nan_policy = nan_policy
-        self.protected: set[str] = set()  # the checkpoint being resumed from: never rotated away
         self.skipped_batches = 0
         self._micro_batch = 0
         self.loss_head = self._choose_loss_head()
@@ -47,6 +119,10 @@ class LmforgeTrainer(Trainer):
         """The head for chunked loss, or None for the model's own loss (see `loss_chunking`)."""
         mode = getattr(self.args, "loss_chunking", "off")
         if mode == "off" or self.args.use_liger_kernel or not self.model_accepts_loss_kwargs:
+            return None
+        if self.is_deepspeed_enabled and is_deepspeed_zero3_enabled() or self.is_fsdp_enabled:
+            # the head's weight is a shard outside its own forward, so the model computes its loss
+            logger.info("loss: the model's own (chunked loss needs the whole head; ZeRO-3 and FSDP shard it)")
             return None
         head = chunkable_head(self.model)
         if head is None or (mode == "auto" and head.weight.shape[0] < LARGE_VOCAB):
@@ -86,39 +162,10 @@ class LmforgeTrainer(Trainer):
         zero = torch.zeros((), device=loss.device, requires_grad=True)  # no graph: backward adds nothing
         return (zero, result[1]) if isinstance(result, tuple) else zero
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """Save into output_dir/.staging, write a manifest, then rename the whole folder into place."""
-        run_dir = Path(self._get_output_dir(trial=trial))
-        name = f"checkpoint-{self.state.global_step}"
-        staged, final = run_dir / ckpt.STAGING / name, run_dir / name
-        existing = ckpt.checkpoints(run_dir)
-        needed = ckpt.folder_size(existing[-1]) if existing else 4 * sum(
-            p.numel() * p.element_size() for p in self.model.parameters())
-        ckpt.ensure_disk_space(run_dir, int(needed * 1.1))
-        if self.is_world_process_zero():
-            shutil.rmtree(staged, ignore_errors=True)  # left over from a run killed while saving
-        self.accelerator.wait_for_everyone()
-        output_dir, limit = self.args.output_dir, self.args.save_total_limit
-        self.args.output_dir, self.args.save_total_limit = str(run_dir / ckpt.STAGING), None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.output_dir, self.args.save_total_limit = output_dir, limit
-        self.accelerator.wait_for_everyone()
-        if self.is_world_process_zero():
-            ckpt.write_manifest(staged, self.fingerprint, self.state.global_step)
-            if final.exists():
-                shutil.rmtree(final)  # a stale checkpoint of the same step from an earlier, abandoned run
-            staged.rename(final)
-            ckpt.rotate(run_dir, limit, self.protected)
-        self.accelerator.wait_for_everyone()
-
-    def train(self, resume_from_checkpoint: str | None = None, *args: Any, **kwargs: Any) -> Any:
-        if resume_from_checkpoint:
-            self.protected.add(str(Path(resume_from_checkpoint).resolve()))
+    def train(self, *args: Any, **kwargs: Any) -> Any:
         self._start = time.perf_counter()
         self._last_log = (self._start, dict(self._counts))
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        return super().train(*args, **kwargs)
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         counts = {k: inputs.pop(k, None) for k in COUNT_KEYS}
@@ -146,6 +193,42 @@ class LmforgeTrainer(Trainer):
             logs["elapsed_s"] = round(now - self._start, 2)
             self._last_log = (now, dict(self._counts))
         super().log(logs, start_time)
+
+
+def drop_tied_copies(model: torch.nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The state dict without second names of one shared parameter (lm_head tied to the embeddings),
+    as `save_pretrained` writes it when it takes the parameters from the model itself."""
+    seen: set[int] = set()
+    copies = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            copies.add(name)
+        seen.add(id(param))
+    return {k: v for k, v in state_dict.items() if k not in copies}
+
+
+class EngineReport(TrainerCallback):
+    """Logs once which engine trains and on how many processes, from the prepared model itself."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        processes = self.trainer.accelerator.num_processes
+        if processes == 1 or not state.is_world_process_zero:
+            return
+        if self.trainer.is_deepspeed_enabled:
+            zero = self.trainer.accelerator.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+            offload = [k[len("offload_"):] for k in ("offload_optimizer", "offload_param")
+                       if (zero.get(k) or {}).get("device", "none") != "none"]
+            engine = f"DeepSpeed ZeRO-{zero.get('stage', 0)}" + (f" (offload {', '.join(offload)})" if offload else "")
+        elif self.trainer.is_fsdp_enabled:
+            params = list(self.trainer.model.parameters())
+            sharded = sum(type(p).__name__ == "DTensor" for p in params)  # FSDP2 turns each into a DTensor shard
+            engine = f"FSDP{args.fsdp_config.get('version', 1)} ({sharded}/{len(params)} parameter tensors sharded)"
+        else:
+            engine = "DDP"
+        logger.info("engine: %s on %d processes (%s)", engine, processes, torch.distributed.get_backend())
 
 
 class NonFiniteGradients(TrainerCallback):

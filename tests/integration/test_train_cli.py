@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+from launch_helpers import free_port
 import torch
 from safetensors.torch import load_file
 
@@ -168,12 +169,17 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_every_example_parses_and_runs_two_steps(tmp_path, tiny_llama_dir, example):
+def test_every_example_parses_and_runs_two_steps(tmp_path, tiny_llama_dir, tiny_llama64_dir, example):
     import yaml
 
     config = yaml.safe_load(example.read_text())
-    overrides = ["--model_name_or_path", str(tiny_llama_dir), "--max_steps", "2", "--dataset_dir", str(ROOT / "data"),
+    model = tiny_llama64_dir if config.get("quantization_bit") else tiny_llama_dir  # bnb's CPU kernels: width >= 64
+    overrides = ["--model_name_or_path", str(model), "--max_steps", "2", "--dataset_dir", str(ROOT / "data"),
                  "--output_dir", str(tmp_path / "out"), "--save_strategy", "no"]
+    if config.get("nnodes", 1) > 1:  # one machine plays node 0 alone; test_distributed runs two node groups
+        overrides += ["--nnodes", "1"]
+    if config.get("nproc_per_node", 1) > 1:
+        overrides += ["--master_port", str(free_port())]
     if config.get("train_from_scratch"):
         overrides += ["--model_config", "{num_hidden_layers: 2, hidden_size: 32, intermediate_size: 64, "
                       "num_attention_heads: 4, num_key_value_heads: 2}"]

@@ -1,0 +1,179 @@
+"""Preference pairs: rows -> `_system`, `_messages` (the prompt turns), `_chosen`, `_rejected`, then
+token ids rendered with the chat template and masked exactly as SFT masks the last assistant turn.
+
+Accepted rows (LLaMA-Factory's `ranking: true` datasets and TRL's common format):
+- alpaca: instruction / input (/ history / system) with `chosen` and `rejected` strings;
+- sharegpt / openai: the conversation up to the last user turn, with `chosen` and `rejected` as a
+  message ({"from": "gpt", "value": ...}) or a string;
+- prompt / chosen / rejected: `prompt` a string or a list of messages, `chosen` / `rejected` a string
+  or a list whose last message is the assistant's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import datasets
+import numpy as np
+
+from lmforge.data.catalogue import DatasetSpec
+from lmforge.data.formats import (RowError, _text, alpaca_converter, fill_placeholders, map_rows, require_columns,
+                                  sharegpt_converter)
+from lmforge.data.loader import row_location
+from lmforge.data.processors import DROPPED, IGNORE_INDEX, KEPT, TRUNCATED, MaskPolicy, encode_conversation
+from lmforge.data.templates import Renderer
+from lmforge.errors import LmforgeError
+
+PairConverter = Callable[[dict[str, Any]], tuple[str, list[dict[str, str]], str, str]]
+PAIR_FEATURES = datasets.Features({
+    "_system": datasets.Value("string"),
+    "_messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+    "_chosen": datasets.Value("string"),
+    "_rejected": datasets.Value("string"),
+    "_invalid": datasets.Value("string"),
+})
+
+
+def _answer(value: Any, what: str, tag: Callable[[str], str] | None = None) -> str:
+    """A response given as a string, a message dict, or a list ending with the assistant's message."""
+    if isinstance(value, list):
+        if not value:
+            raise RowError(f"'{what}' is an empty list")
+        value = value[-1]
+    if isinstance(value, dict):
+        key = tag("content_tag") if tag else "content"
+        for candidate in (key, "content", "value"):
+            if candidate in value:
+                return _text(value[candidate], what)
+        raise RowError(f"'{what}' message has no '{key}' key")
+    return _text(value, what)
+
+
+def _prompt_messages(value: Any) -> list[dict[str, str]]:
+    """`prompt` of the common format: a string (one user turn) or a list of role/content messages."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        raise RowError("'prompt' must be a string or a list of {role, content} messages")
+    return [{"role": m["role"], "content": _text(m["content"], "prompt content")} for m in value]
+
+
+def pair_converter(spec: DatasetSpec, present: list[str]) -> PairConverter:
+    """The converter for a pairwise dataset's format (detected from the columns when not named)."""
+    chosen_col, rejected_col = spec.columns.get("chosen", "chosen"), spec.columns.get("rejected", "rejected")
+    require_columns(spec, {"chosen": chosen_col, "rejected": rejected_col}, present)
+    formatting = spec.formatting or ("openai" if "messages" in present else "sharegpt" if "conversations" in present
+                                     else "alpaca" if "instruction" in present else "prompt")
+    spec.formatting = None if formatting == "prompt" else formatting
+    if formatting == "prompt":
+        require_columns(spec, {"prompt": spec.columns.get("prompt", "prompt")}, present)
+        prompt_col, system_col = spec.columns.get("prompt", "prompt"), spec.columns.get("system")
+
+        def convert(row: dict[str, Any]) -> tuple[str, list[dict[str, str]], str, str]:
+            messages = _prompt_messages(row.get(prompt_col))
+            system = _text(row.get(system_col), system_col) if system_col else ""
+            if messages and messages[0]["role"] == "system":
+                system = messages.pop(0)["content"]
+            return system, messages, _answer(row.get(chosen_col), "chosen"), _answer(row.get(rejected_col), "rejected")
+
+        return convert
+    if formatting == "alpaca":
+        spec.columns.setdefault("response", chosen_col)  # the prompt side is read as a one-turn alpaca row
+        base = alpaca_converter(spec, present)
+
+        def convert(row: dict[str, Any]) -> tuple[str, list[dict[str, str]], str, str]:
+            system, messages = base(row)
+            return system, messages[:-1], _answer(row.get(chosen_col), "chosen"), _answer(row.get(rejected_col), "rejected")
+
+        return convert
+    base = sharegpt_converter(spec, present)
+
+    def convert(row: dict[str, Any]) -> tuple[str, list[dict[str, str]], str, str]:
+        system, messages = base(row)
+        return (system, messages, _answer(row.get(chosen_col), "chosen", spec.tag),
+                _answer(row.get(rejected_col), "rejected", spec.tag))
+
+    return convert
+
+
+def validate_pair(messages: list[dict[str, str]], chosen: str, rejected: str) -> None:
+    """A prompt that alternates user/assistant and ends with a user turn, two different non-empty answers."""
+    if not messages or not any(m["content"].strip() for m in messages if m["role"] == "user"):
+        raise RowError("empty prompt")
+    for i, message in enumerate(messages):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise RowError(f"prompt turn {i + 1} is '{message['role']}' but '{expected}' was expected "
+                           "(the prompt alternates user, assistant and ends with a user turn)")
+    if messages[-1]["role"] != "user":
+        raise RowError("the prompt must end with a user turn")
+    if not chosen.strip():
+        raise RowError("empty chosen response")
+    if not rejected.strip():
+        raise RowError("empty rejected response")
+    if chosen.strip() == rejected.strip():
+        raise RowError("chosen and rejected are identical")
+
+
+def to_pairs(ds: datasets.Dataset, spec: DatasetSpec, num_proc: int | None = None,
+             placeholders: dict[str, str] | None = None, skip_invalid: bool = False) -> datasets.Dataset:
+    """Rows -> `_system`, `_messages`, `_chosen`, `_rejected`, `_invalid` (see `to_conversations`)."""
+    values = placeholders if spec.placeholders and placeholders else {}
+    present = list(ds.column_names)
+    convert = pair_converter(spec, present)
+
+    def apply(row: dict[str, Any], index: int) -> dict[str, Any]:
+        try:
+            system, messages, chosen, rejected = convert(row)
+            fill = lambda text: fill_placeholders(text, values)  # noqa: E731
+            messages = [{"role": m["role"], "content": fill(m["content"])} for m in messages]
+            validate_pair(messages, chosen, rejected)
+            return {"_system": fill(system), "_messages": messages, "_chosen": fill(chosen),
+                    "_rejected": fill(rejected), "_invalid": ""}
+        except RowError as err:
+            if not skip_invalid:
+                raise LmforgeError(f"{row_location(spec, index)}: {err}") from None
+            return {"_system": "", "_messages": [], "_chosen": "", "_rejected": "",
+                    "_invalid": f"{row_location(spec, index)}: {err}"}
+
+    return map_rows(ds, apply, with_indices=True, remove_columns=present, num_proc=num_proc,
+                    desc=f"Converting {spec.name}", features=PAIR_FEATURES)
+
+
+def _answer_tokens(template: Renderer, tokenizer: Any, system: str, messages: list[dict[str, str]],
+                   answer: str) -> tuple[list[int], int, int]:
+    """(ids, first trained index, end of the trained span) of the prompt plus `answer` as the last turn."""
+    rendered = template.render(system, [*messages, {"role": "assistant", "content": answer}])
+    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    policy = MaskPolicy(cutoff_len=10**9, mask_history=True)  # cut later, for both answers alike
+    ids, labels, _ = encode_conversation(rendered, enc["input_ids"], enc["offset_mapping"], policy)
+    trained = np.nonzero(np.asarray(labels) != IGNORE_INDEX)[0]
+    return ids, int(trained[0]), int(trained[-1]) + 1
+
+
+def encode_pairs_batch(batch: dict[str, list[Any]], tokenizer: Any, template: Renderer,
+                       cutoff_len: int) -> dict[str, list[Any]]:
+    """Batched map: pairs -> prompt_ids, chosen_ids, rejected_ids. The prompt is the common prefix of
+    both renders up to the first trained token; each answer runs to the end of its trained span (the
+    turn's end token included, the template's trailing newline not). When prompt + the longer answer
+    exceed cutoff_len, both answers are cut; a prompt of cutoff_len or more drops the pair."""
+    out: dict[str, list[Any]] = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "_status", "_loss_tokens")}
+    for system, messages, chosen, rejected in zip(batch["_system"], batch["_messages"], batch["_chosen"],
+                                                  batch["_rejected"]):
+        c_ids, c_start, c_end = _answer_tokens(template, tokenizer, system or "", messages, chosen)
+        r_ids, r_start, r_end = _answer_tokens(template, tokenizer, system or "", messages, rejected)
+        shared = next((i for i, (a, b) in enumerate(zip(c_ids, r_ids)) if a != b), min(len(c_ids), len(r_ids)))
+        p = min(c_start, r_start, shared)
+        prompt, chosen_ids, rejected_ids = c_ids[:p], c_ids[p:c_end], r_ids[p:r_end]
+        status = KEPT
+        if len(prompt) >= cutoff_len:
+            prompt, chosen_ids, rejected_ids, status = [], [], [], DROPPED
+        elif len(prompt) + max(len(chosen_ids), len(rejected_ids)) > cutoff_len:
+            room = cutoff_len - len(prompt)
+            chosen_ids, rejected_ids, status = chosen_ids[:room], rejected_ids[:room], TRUNCATED
+        out["prompt_ids"].append(prompt)
+        out["chosen_ids"].append(chosen_ids)
+        out["rejected_ids"].append(rejected_ids)
+        out["_status"].append(status)
+        out["_loss_tokens"].append(len(chosen_ids) + len(rejected_ids))
+    return out
