@@ -221,33 +221,30 @@ class FinetuningArguments:
             raise LmforgeError(f"pref_beta must be > 0, got {self.pref_beta}")
         if self.pref_ftx < 0:
             raise LmforgeError(f"pref_ftx must be >= 0, got {self.pref_ftx}")
-        if self.stage != "dpo":
-            defaults = {f.name: f.default for f in fields(self)}
-            changed = [n for n in ("pref_beta", "pref_loss", "pref_ftx", "simpo_gamma", "precompute_ref_log_probs")
-                       if getattr(self, n) != defaults[n]]
-            if changed:
-                raise LmforgeError(f"{changed[0]} applies only to stage: dpo, but stage is {self.stage}: "
-                                   f"set stage: dpo or remove {changed[0]}")
-        self._reject_foreign_options("lora", ("lora_rank", "lora_alpha", "lora_dropout", "lora_target",
-                                              "additional_target", "use_dora", "use_rslora"))
-        self._reject_foreign_options("freeze", ("freeze_trainable_layers", "freeze_trainable_modules",
-                                                "freeze_extra_modules"))
+        self._reject_foreign_options("stage", "dpo", ("pref_beta", "pref_loss", "pref_ftx", "simpo_gamma",
+                                                      "precompute_ref_log_probs"))
+        self._reject_foreign_options("finetuning_type", "lora", ("lora_rank", "lora_alpha", "lora_dropout",
+                                                                 "lora_target", "additional_target", "use_dora",
+                                                                 "use_rslora"))
+        self._reject_foreign_options("finetuning_type", "freeze", ("freeze_trainable_layers",
+                                                                   "freeze_trainable_modules", "freeze_extra_modules"))
         if self.lora_rank < 1:
             raise LmforgeError(f"lora_rank must be >= 1, got {self.lora_rank}")
         if self.freeze_trainable_layers == 0:
             raise LmforgeError("freeze_trainable_layers must not be 0: positive = last n blocks, negative = first n")
 
-    def _reject_foreign_options(self, owner: str, names: tuple[str, ...]) -> None:
-        """LoRA options with finetuning_type full (and the like) are almost always a mistake."""
-        if self.finetuning_type == owner:
+    def _reject_foreign_options(self, key: str, owner: str, names: tuple[str, ...]) -> None:
+        """LoRA options with finetuning_type full, DPO options with stage sft (and the like) are almost
+        always a mistake."""
+        if getattr(self, key) == owner:
             return
         defaults = {f.name: f.default for f in fields(self)}
         changed = [n for n in names if getattr(self, n) != defaults[n]]
         if changed:
             verb = "applies" if len(changed) == 1 else "apply"
             raise LmforgeError(
-                f"{', '.join(changed)} {verb} only to finetuning_type: {owner}, but finetuning_type is "
-                f"{self.finetuning_type}: set finetuning_type: {owner} or remove {changed[0]}"
+                f"{', '.join(changed)} {verb} only to {key}: {owner}, but {key} is "
+                f"{getattr(self, key)}: set {key}: {owner} or remove {changed[0]}"
             )
 
     @property

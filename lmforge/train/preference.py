@@ -9,7 +9,6 @@ here from the same length-normalised log-probabilities TRL's fused head returns.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
 import torch
@@ -23,7 +22,6 @@ from lmforge.train.callbacks import JsonlLogCallback, ProgressCallback
 from lmforge.train.causal_lm import build_model, prepare_run, train_and_report
 from lmforge.train.trainer import EngineMixin
 
-logger = logging.getLogger(__name__)
 REFERENCE_FREE = ("orpo", "simpo")
 
 
