@@ -13,6 +13,16 @@ import torch
 
 from lmforge.data.processors import IGNORE_INDEX
 
+CAUSAL_ONLY_KEY = "mask_is_trailing_padding"
+
+
+def drop_redundant_mask(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Remove the attention mask of a flagged right-padded batch (see `PaddingCollator`)."""
+    if inputs.pop(CAUSAL_ONLY_KEY, False):
+        inputs.pop("attention_mask", None)
+    return inputs
+
+
 COUNT_KEYS = ("num_real_tokens", "num_positions", "num_rows")
 
 
@@ -63,10 +73,12 @@ def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
 class PaddingCollator:
     """Unpacked examples, right-padded.
 
-    With `causal_mask_only` (lmforge's default for causal LMs) no attention mask is sent: padding
-    sits after every real token, so under causal attention no real token can see it, and the pad
-    positions carry no loss. Logits at real positions and the loss are identical (tested), and the
-    attention kernels take their faster `is_causal` path instead of an explicit mask.
+    With `causal_mask_only` (lmforge's default for causal LMs) the batch is flagged so that the
+    attention mask is dropped just before the forward (`drop_redundant_mask`): padding sits after
+    every real token, so under causal attention no real token can see it, and the pad positions
+    carry no loss. Logits at real positions and the loss are identical (tested), and the attention
+    kernels take their faster `is_causal` path instead of an explicit mask. The mask stays in the
+    collated batch so that anything that counts padding from it (callbacks, profilers) still can.
     """
 
     pad_token_id: int
@@ -86,7 +98,7 @@ class PaddingCollator:
             "num_real_tokens": int(mask.sum()), "num_positions": mask.numel(), "num_rows": len(features),
         }
         if self.causal_mask_only:
-            del batch["attention_mask"]
+            batch[CAUSAL_ONLY_KEY] = True
         return batch
 
 

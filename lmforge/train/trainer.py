@@ -13,7 +13,7 @@ from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from lmforge.data.collator import COUNT_KEYS
+from lmforge.data.collator import COUNT_KEYS, drop_redundant_mask
 from lmforge.errors import LmforgeError
 from lmforge.train import checkpoints as ckpt
 from lmforge.train.loss import capture_head_input, chunkable_head, linear_cross_entropy
@@ -132,6 +132,7 @@ class LmforgeTrainer(EngineMixin, Trainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        drop_redundant_mask(inputs)
         if self.loss_head is None or not model.training or "labels" not in inputs:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         else:
@@ -177,6 +178,7 @@ class LmforgeTrainer(EngineMixin, Trainer):
     def prediction_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         for key in COUNT_KEYS:
             inputs.pop(key, None)
+        drop_redundant_mask(inputs)
         return super().prediction_step(model, inputs, *args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

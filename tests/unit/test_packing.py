@@ -105,7 +105,7 @@ def test_flash_layout_is_one_flat_row_with_restarting_positions():
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_right_padding_needs_no_mask_under_causal_attention(arch):
     """Dropping the padding mask changes nothing at real positions: loss, logits, gradients."""
-    from lmforge.data.collator import PaddingCollator
+    from lmforge.data.collator import PaddingCollator, drop_redundant_mask
 
     examples = make_examples(sizes=(5, 11, 8))
     features = [{"input_ids": ids, "labels": labels} for ids, labels in examples]
@@ -115,6 +115,8 @@ def test_right_padding_needs_no_mask_under_causal_attention(arch):
         batch = PaddingCollator(0, causal_mask_only=causal_only)(features)
         for key in COUNT_KEYS:
             batch.pop(key)
+        assert batch["attention_mask"].sum().item() == sum(len(e[0]) for e in examples)
+        batch = drop_redundant_mask(batch)
         assert ("attention_mask" in batch) is not causal_only
         out = model(**batch)
         out.loss.backward()
