@@ -16,10 +16,11 @@ USAGE = f"""lmforge {__version__}: train causal language models from one YAML.
 usage: lmforge COMMAND [CONFIG.yaml] [--key value ...]
 
 commands:
-  train        train a model (stage pt or sft): lmforge train examples/sft_lora.yaml
+  train        train a model (stage pt, sft, rm, dpo, kto or grpo): lmforge train examples/sft_lora.yaml
   preprocess   tokenize the data exactly as train would and save it to tokenized_path
   chat         chat with a model (streamed), or answer one --query
   export       merge LoRA adapters into the base and write a standalone model
+  score        score (prompt, response) rows with a reward model trained by stage rm
   demo         teach the embedded SmolLM2 a new identity and show before/after answers
   data check   the data doctor: invalid rows, lengths, truncation, and exactly which tokens are trained
   templates    list the chat templates of the catalogue
@@ -66,8 +67,9 @@ def _setup_logging() -> None:
 
 
 def cmd_train(argv: list[str]) -> int | None:
-    """Train a causal LM: stage pt (raw text), sft (conversations), rm (reward model) or dpo (preference
-    pairs), full, freeze or LoRA (QLoRA with quantization_bit). With
+    """Train a causal LM: stage pt (raw text), sft (conversations), rm (reward model), dpo (preference
+    pairs), kto (labelled responses) or grpo (RL on prompts with rewards), full, freeze or LoRA (QLoRA
+    with quantization_bit). With
     nproc_per_node / nnodes (or FORCE_TORCHRUN=1) it re-launches itself through torchrun."""
     from lmforge.config import parse_train_config
     from lmforge.launch import launch_settings, relaunch
@@ -77,10 +79,14 @@ def cmd_train(argv: list[str]) -> int | None:
     settings = launch_settings(config)
     if settings is not None:
         return relaunch(settings, argv)
-    if config.finetuning.stage in ("rm", "dpo"):
+    if config.finetuning.stage in ("rm", "dpo", "kto"):
         from lmforge.train.preference import run_preference
 
         run_preference(config)
+    elif config.finetuning.stage in ("grpo", "ppo"):
+        from lmforge.train.rl import run_rl
+
+        run_rl(config)
     else:
         run_causal_lm(config)
     return None
@@ -139,6 +145,18 @@ def cmd_export(argv: list[str]) -> None:
           f"adapter(s), max |logit difference| vs base+adapter {result['max_abs_logit_diff']:.2e}")
 
 
+def cmd_score(argv: list[str]) -> None:
+    """Score (prompt, response) rows with a reward model trained by stage rm; writes each row with its
+    `score` (higher = preferred) to --output: lmforge score --reward_model saves/rm --input rows.jsonl"""
+    from lmforge.config.parser import SCORE_GROUPS, build_groups, merge_sources
+    from lmforge.serve.score import run_score
+
+    _, raw = merge_sources(argv)
+    (args,) = build_groups(raw, SCORE_GROUPS)
+    target = run_score(args)
+    print(f"scores written to {target}")
+
+
 def cmd_demo(argv: list[str]) -> None:
     """Ask the base model who it is, train LoRA SFT on the built-in identity data, ask again:
     lmforge demo examples/demo_identity.yaml"""
@@ -160,8 +178,8 @@ def cmd_data(argv: list[str]) -> None:
     if not argv or argv[0] != "check":
         raise LmforgeError("usage: lmforge data check CONFIG.yaml [--key value ...]")
     config_path, raw = merge_sources(argv[1:])
-    model, data, finetuning, training, launch, doctor = build_groups(raw, DOCTOR_GROUPS)
-    config = TrainConfig(model, data, finetuning, training, launch, explicit=dict(raw), config_path=config_path)
+    model, data, finetuning, training, launch, rl, doctor = build_groups(raw, DOCTOR_GROUPS)
+    config = TrainConfig(model, data, finetuning, training, launch, rl, explicit=dict(raw), config_path=config_path)
     tokenizer = load_tokenizer(model)
     original = tokenizer.chat_template
     if finetuning.stage == "sft":
@@ -200,16 +218,17 @@ def cmd_version(argv: list[str]) -> None:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
-    "train": cmd_train, "preprocess": cmd_preprocess, "chat": cmd_chat, "export": cmd_export, "demo": cmd_demo, "data": cmd_data,
+    "train": cmd_train, "preprocess": cmd_preprocess, "chat": cmd_chat, "export": cmd_export, "score": cmd_score,
+    "demo": cmd_demo, "data": cmd_data,
     "templates": cmd_templates, "models": cmd_models, "env": cmd_env, "version": cmd_version,
 }
 
 
 def command_groups(name: str) -> tuple[type, ...]:
-    from lmforge.config.parser import CHAT_GROUPS, DOCTOR_GROUPS, EXPORT_GROUPS, GROUPS
+    from lmforge.config.parser import CHAT_GROUPS, DOCTOR_GROUPS, EXPORT_GROUPS, GROUPS, SCORE_GROUPS
 
     return {"train": GROUPS, "preprocess": GROUPS, "demo": GROUPS, "chat": CHAT_GROUPS,
-            "export": EXPORT_GROUPS, "data": DOCTOR_GROUPS}.get(name, ())
+            "export": EXPORT_GROUPS, "score": SCORE_GROUPS, "data": DOCTOR_GROUPS}.get(name, ())
 
 
 def command_help(name: str) -> str:

@@ -1,7 +1,7 @@
 """Typed configuration: one dataclass per concern, parsed from YAML plus command-line overrides."""
 
 from lmforge.config.args import (DataArguments, ExportArguments, FinetuningArguments, GenerationArguments,
-                                 ModelArguments, TrainingArguments)
+                                 ModelArguments, RLArguments, TrainingArguments)
 from lmforge.config.parser import TrainConfig, parse_train_config
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "GenerationArguments",
     "FinetuningArguments",
     "ModelArguments",
+    "RLArguments",
     "TrainingArguments",
     "TrainConfig",
     "parse_train_config",

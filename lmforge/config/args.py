@@ -8,7 +8,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
 import transformers
@@ -168,14 +168,33 @@ class DataArguments:
         return [float(p) for p in str(self.interleave_probs).split(",")]
 
 
+def reject_foreign_options(group: Any, key: str, owners: tuple[str, ...], names: tuple[str, ...],
+                           value: Any = None) -> None:
+    """LoRA options with finetuning_type full, DPO options with stage sft (and the like) are almost always a
+    mistake: refuse options of `group` changed from their defaults while `key` (of group, or `value`) is
+    not one of `owners`."""
+    current = getattr(group, key) if value is None else value
+    if current in owners:
+        return
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(group)}
+    changed = [n for n in names if getattr(group, n) != defaults[n]]
+    if changed:
+        verb = "applies" if len(changed) == 1 else "apply"
+        wanted = " or ".join(owners)
+        raise LmforgeError(f"{', '.join(changed)} {verb} only to {key}: {wanted}, but {key} is {current}: "
+                           f"set {key}: {owners[0]} or remove {changed[0]}")
+
+
 @dataclass
 class FinetuningArguments:
     """What is trained: the stage and which parameters learn."""
 
-    stage: Literal["pt", "sft", "rm", "dpo"] = _opt(
+    stage: Literal["pt", "sft", "rm", "dpo", "kto", "ppo", "grpo"] = _opt(
         "sft",
         "Training stage: pt (next-token on raw text), sft (chat data), rm (a reward model on chosen/rejected "
-        "pairs) or dpo (preference optimisation on pairs; the loss is pref_loss).",
+        "pairs), dpo (preference optimisation on pairs; the loss is pref_loss), kto (one response per prompt "
+        "labelled good or bad), grpo (on-policy RL: completions sampled from the policy, scored by "
+        "reward_model and/or reward_funcs; ppo is accepted and runs grpo, see the README).",
     )
     finetuning_type: Literal["lora", "freeze", "full"] = _opt(
         "lora", "Which weights learn: lora (adapters via peft), freeze (the last layers), full."
@@ -202,7 +221,8 @@ class FinetuningArguments:
     )
     plot_loss: bool = _opt(True, "Save training_loss.png (and eval_loss.png) in output_dir.")
     pref_beta: float = _opt(
-        0.1, "dpo: strength of the preference term (DPO's beta; for orpo the weight of the odds-ratio term)."
+        0.1, "dpo, kto: strength of the preference term (DPO's and KTO's beta; for orpo the weight of the "
+        "odds-ratio term)."
     )
     pref_loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = _opt(
         "sigmoid",
@@ -210,9 +230,11 @@ class FinetuningArguments:
         "on length-averaged log-probabilities).",
     )
     pref_ftx: float = _opt(0.0, "dpo: weight of an added SFT loss on the chosen responses (0 = none).")
+    kto_chosen_weight: float = _opt(1.0, "kto: weight of the loss on desirable (label true) examples.")
+    kto_rejected_weight: float = _opt(1.0, "kto: weight of the loss on undesirable (label false) examples.")
     simpo_gamma: float = _opt(0.5, "simpo: target reward margin gamma.")
     precompute_ref_log_probs: bool = _opt(
-        False, "dpo with full/freeze tuning: compute the reference log-probs once before training, so no "
+        False, "dpo, kto with full/freeze tuning: compute the reference log-probs once before training, so no "
         "reference copy stays in memory (LoRA needs no copy: the reference is the adapter disabled).",
     )
 
@@ -221,8 +243,12 @@ class FinetuningArguments:
             raise LmforgeError(f"pref_beta must be > 0, got {self.pref_beta}")
         if self.pref_ftx < 0:
             raise LmforgeError(f"pref_ftx must be >= 0, got {self.pref_ftx}")
-        self._reject_foreign_options("stage", "dpo", ("pref_beta", "pref_loss", "pref_ftx", "simpo_gamma",
-                                                      "precompute_ref_log_probs"))
+        for owners, names in ((("dpo", "kto"), ("pref_beta", "precompute_ref_log_probs")),
+                              (("dpo",), ("pref_loss", "pref_ftx", "simpo_gamma")),
+                              (("kto",), ("kto_chosen_weight", "kto_rejected_weight"))):
+            reject_foreign_options(self, "stage", owners, names)
+        if min(self.kto_chosen_weight, self.kto_rejected_weight) <= 0:
+            raise LmforgeError("kto_chosen_weight and kto_rejected_weight must be > 0")
         self._reject_foreign_options("finetuning_type", "lora", ("lora_rank", "lora_alpha", "lora_dropout",
                                                                  "lora_target", "additional_target", "use_dora",
                                                                  "use_rslora"))
@@ -234,22 +260,90 @@ class FinetuningArguments:
             raise LmforgeError("freeze_trainable_layers must not be 0: positive = last n blocks, negative = first n")
 
     def _reject_foreign_options(self, key: str, owner: str, names: tuple[str, ...]) -> None:
-        """LoRA options with finetuning_type full, DPO options with stage sft (and the like) are almost
-        always a mistake."""
-        if getattr(self, key) == owner:
-            return
-        defaults = {f.name: f.default for f in fields(self)}
-        changed = [n for n in names if getattr(self, n) != defaults[n]]
-        if changed:
-            verb = "applies" if len(changed) == 1 else "apply"
-            raise LmforgeError(
-                f"{', '.join(changed)} {verb} only to {key}: {owner}, but {key} is "
-                f"{getattr(self, key)}: set {key}: {owner} or remove {changed[0]}"
-            )
+        reject_foreign_options(self, key, (owner,), names)
 
     @property
     def effective_lora_alpha(self) -> int:
         return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+
+RL_STAGES = ("grpo", "ppo")
+BUILTIN_REWARDS = ("exact_match", "format", "length")
+
+
+@dataclass
+class RLArguments:
+    """grpo (and ppo): where rewards come from and how completions are sampled."""
+
+    reward_model: str | None = _opt(
+        None, "A reward model trained with stage rm (its output_dir: full model or LoRA adapter); it scores "
+        "each sampled completion, rendered with the same template as in training."
+    )
+    reward_funcs: str | None = _opt(
+        None, "Comma-separated reward functions: exact_match (1 when the completion, or its <answer>...</answer> "
+        "part, equals the row's `answer` column, case and spacing ignored), format (1 when the completion "
+        "matches reward_format_regex), length (0 up to 3/4 of max_new_tokens, then falling to -1 at the "
+        "limit: DAPO's soft overlong penalty), or module:function for your own (called with prompts, "
+        "completions, completion_ids and every data column as keyword lists; returns one float per "
+        "completion).",
+    )
+    reward_weights: str | None = _opt(
+        None, "Comma-separated weights, one per reward source (reward_model first, then reward_funcs); "
+        "default 1 each."
+    )
+    reward_format_regex: str = _opt(
+        r"<think>.*?</think>\s*<answer>.*?</answer>",
+        "The `format` reward's pattern, matched against the whole completion (dot matches newlines).",
+    )
+    num_generations: int = _opt(
+        8, "Completions sampled per prompt (the group whose rewards are compared); the global batch "
+        "(processes x per_device_train_batch_size x gradient_accumulation_steps) must be divisible by it."
+    )
+    max_new_tokens: int = _opt(128, "Longest sampled completion, in tokens.")
+    temperature: float = _opt(1.0, "Sampling temperature of the completions (> 0).")
+    top_p: float = _opt(1.0, "Nucleus sampling of the completions: keep tokens up to this probability mass.")
+    top_k: int = _opt(0, "Sample only among the k most likely tokens (0 = no limit).")
+    kl_beta: float = _opt(
+        0.0, "Weight of the KL penalty to the starting policy (0 = none, and no reference model is kept)."
+    )
+    rl_loss: Literal["dapo", "grpo", "dr_grpo", "bnpo"] = _opt(
+        "dapo", "How token losses are averaged: dapo (over all completion tokens of the batch, TRL's default), "
+        "grpo (per completion, then over completions), dr_grpo (by a constant), bnpo (per local batch)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise LmforgeError(f"num_generations must be >= 2 (rewards are compared within a group), "
+                               f"got {self.num_generations}")
+        if self.max_new_tokens < 1:
+            raise LmforgeError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise LmforgeError(f"temperature must be > 0 for sampling completions, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.kl_beta < 0:
+            raise LmforgeError(f"kl_beta must be >= 0, got {self.kl_beta}")
+        weights = self.weights
+        if weights is not None and len(weights) != len(self.sources):
+            raise LmforgeError(f"reward_weights has {len(weights)} values but there are {len(self.sources)} reward "
+                               f"sources ({', '.join(self.sources) or 'none'}): give one weight per source")
+
+    @property
+    def functions(self) -> list[str]:
+        return [name.strip() for name in (self.reward_funcs or "").split(",") if name.strip()]
+
+    @property
+    def sources(self) -> list[str]:
+        return ([self.reward_model] if self.reward_model else []) + self.functions
+
+    @property
+    def weights(self) -> list[float] | None:
+        if not self.reward_weights:
+            return None
+        try:
+            return [float(w) for w in str(self.reward_weights).split(",")]
+        except ValueError:
+            raise LmforgeError(f"reward_weights must be comma-separated numbers, got {self.reward_weights!r}") from None
 
 
 @dataclass
@@ -380,6 +474,27 @@ class GenerationArguments:
             raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise LmforgeError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class ScoreArguments:
+    """What `lmforge score` reads and writes."""
+
+    reward_model: str | None = _opt(None, "The output_dir of an rm run (full model or LoRA adapter).")
+    input: str | None = _opt(
+        None, "JSON lines or JSON file of rows: prompt (a string or messages) with response (or completion), "
+        "or messages whose last turn is the assistant's."
+    )
+    output: str | None = _opt(None, "Where the rows are written with a `score` field (default INPUT.scored.jsonl); "
+                              "an existing file is never overwritten.")
+    template: str = _opt("auto", "Chat template that renders each row, as in the rm run (auto: the tokenizer's own).")
+    batch_size: int = _opt(8, "Rows scored per forward pass.")
+
+    def __post_init__(self) -> None:
+        if not self.reward_model or not self.input:
+            raise LmforgeError("score needs --reward_model DIR (an rm run's output_dir) and --input FILE")
+        if self.batch_size < 1:
+            raise LmforgeError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,13 +14,16 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lmforge.config.args import (DataArguments, DoctorArguments, ExportArguments, FinetuningArguments,
-                                 GenerationArguments, LaunchArguments, ModelArguments, TrainingArguments)
+from lmforge.config.args import (BUILTIN_REWARDS, RL_STAGES, DataArguments, DoctorArguments, ExportArguments,
+                                 FinetuningArguments, GenerationArguments, LaunchArguments, ModelArguments,
+                                 RLArguments, ScoreArguments, TrainingArguments, reject_foreign_options)
 from lmforge.errors import LmforgeError
 
-GROUPS: tuple[type, ...] = (ModelArguments, DataArguments, FinetuningArguments, TrainingArguments, LaunchArguments)
+GROUPS: tuple[type, ...] = (ModelArguments, DataArguments, FinetuningArguments, TrainingArguments, LaunchArguments,
+                            RLArguments)
 CHAT_GROUPS: tuple[type, ...] = (ModelArguments, GenerationArguments)
 EXPORT_GROUPS: tuple[type, ...] = (ModelArguments, ExportArguments)
+SCORE_GROUPS: tuple[type, ...] = (ScoreArguments,)
 DOCTOR_GROUPS: tuple[type, ...] = (*GROUPS, DoctorArguments)
 # LLaMA-Factory names that mean the same thing as one of ours.
 ALIASES: dict[str, str] = {"neat_packing": "packing", "enable_liger_kernel": "use_liger_kernel"}
@@ -34,6 +38,7 @@ class TrainConfig:
     finetuning: FinetuningArguments
     training: TrainingArguments
     launch: LaunchArguments = field(default_factory=LaunchArguments)
+    rl: RLArguments = field(default_factory=RLArguments)
     explicit: dict[str, Any] = field(default_factory=dict)
     config_path: str | None = None
 
@@ -47,6 +52,33 @@ class TrainConfig:
             if self.training.fsdp or (ds is not None and ds.is_zero3()):
                 raise LmforgeError("quantization_bit is not supported with FSDP or DeepSpeed ZeRO-3 yet: "
                                    "use DDP (nproc_per_node) or ZeRO-2")
+        stage = self.finetuning.stage
+        if self.data.packing and stage not in ("pt", "sft"):
+            raise LmforgeError(f"packing applies to stage pt and sft, not {stage}: set packing: false")
+        reject_foreign_options(self.rl, "stage", RL_STAGES, tuple(init_fields(RLArguments)), value=stage)
+        if stage in RL_STAGES:
+            self._check_rewards()
+
+    def _check_rewards(self) -> None:
+        rl = self.rl
+        if not rl.sources:
+            raise LmforgeError(f"stage {self.finetuning.stage} needs rewards: set reward_model: DIR (a model trained "
+                               "with stage rm) and/or reward_funcs: exact_match,format,length or module:function")
+        if rl.reward_model and not Path(rl.reward_model).is_dir():
+            raise LmforgeError(f"reward_model {rl.reward_model} is not a folder: give the output_dir of an rm run")
+        for name in rl.functions:
+            if name not in BUILTIN_REWARDS and ":" not in name:
+                raise LmforgeError(f"reward_funcs: unknown reward '{name}': use {', '.join(BUILTIN_REWARDS)} or "
+                                   "module:function")
+        t = self.training
+        launched = (self.launch.nproc_per_node or 1) * (self.launch.nnodes or 1)
+        world = int(os.environ.get("WORLD_SIZE", launched))
+        batch = world * t.per_device_train_batch_size * t.gradient_accumulation_steps
+        if batch % rl.num_generations:
+            raise LmforgeError(f"the global batch ({world} process(es) x per_device_train_batch_size "
+                               f"{t.per_device_train_batch_size} x gradient_accumulation_steps "
+                               f"{t.gradient_accumulation_steps} = {batch}) must be divisible by num_generations "
+                               f"{rl.num_generations}: change one of them")
 
 
 class _Mismatch(Exception):
@@ -251,8 +283,8 @@ def merge_sources(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
 def parse_train_config(argv: list[str]) -> TrainConfig:
     """Parse `lmforge train` / `preprocess` arguments into a TrainConfig."""
     config_path, raw = merge_sources(argv)
-    model, data, finetuning, training, launch = build_groups(raw)
-    return TrainConfig(model, data, finetuning, training, launch, explicit=dict(raw), config_path=config_path)
+    model, data, finetuning, training, launch, rl = build_groups(raw)
+    return TrainConfig(model, data, finetuning, training, launch, rl, explicit=dict(raw), config_path=config_path)
 
 
 def format_help(groups: tuple[type, ...] = GROUPS, width: int = 100) -> str:

@@ -139,11 +139,38 @@ def fill_placeholders(text: str, values: dict[str, str]) -> str:
     return text
 
 
-CONVERSATION_FEATURES = datasets.Features({
+# the converted shape every chat stage shares; stages add their own columns
+TURN_FEATURES = {
     "_system": datasets.Value("string"),
     "_messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
     "_invalid": datasets.Value("string"),
-})
+}
+CONVERSATION_FEATURES = datasets.Features(TURN_FEATURES)
+RowConverter = Callable[[dict[str, Any], Callable[[str], str]], dict[str, Any]]
+
+
+def convert_rows(ds: Any, spec: DatasetSpec, convert: RowConverter, features: dict[str, Any], empty: dict[str, Any],
+                 remove_columns: list[str], num_proc: int | None, placeholders: dict[str, str] | None,
+                 skip_invalid: bool) -> Any:
+    """Map every row through `convert(row, fill)` (`fill` puts `{{key}}` values in where the spec allows).
+    A row that raises RowError stops the run naming its file and line, or with `skip_invalid` becomes
+    `empty` with the reason in `_invalid` (empty for valid rows), for the caller to count and drop."""
+    values = placeholders if spec.placeholders and placeholders else {}
+
+    def apply(row: dict[str, Any], index: int) -> dict[str, Any]:
+        try:
+            return {**convert(row, lambda text: fill_placeholders(text, values)), "_invalid": ""}
+        except RowError as err:
+            if not skip_invalid:
+                raise LmforgeError(f"{row_location(spec, index)}: {err}") from None
+            return {**empty, "_invalid": f"{row_location(spec, index)}: {err}"}
+
+    return map_rows(ds, apply, with_indices=True, remove_columns=remove_columns, num_proc=num_proc,
+                    desc=f"Converting {spec.name}", features=datasets.Features(features))
+
+
+def fill_turns(messages: list[dict[str, str]], fill: Callable[[str], str]) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": fill(m["content"])} for m in messages]
 
 
 def to_conversations(ds: datasets.Dataset, spec: DatasetSpec, stage: str, num_proc: int | None = None,
@@ -151,7 +178,6 @@ def to_conversations(ds: datasets.Dataset, spec: DatasetSpec, stage: str, num_pr
     """Rows -> `_system`, `_messages`, `_invalid` (sft) or `_text` (pt); `{{key}}` filled where the spec
     allows. An invalid row raises, naming file and line, or with `skip_invalid` is kept with its reason
     in `_invalid` (empty for valid rows) for the caller to count and drop."""
-    values = placeholders if spec.placeholders and placeholders else {}
     present = list(ds.column_names)
     formatting = detect_formatting(spec, present, stage)
     if stage == "pt":
@@ -161,19 +187,12 @@ def to_conversations(ds: datasets.Dataset, spec: DatasetSpec, stage: str, num_pr
     spec.formatting = formatting  # detected formats pick their own column and tag defaults
     convert = alpaca_converter(spec, present) if formatting == "alpaca" else sharegpt_converter(spec, present)
 
-    def apply(row: dict[str, Any], index: int) -> dict[str, Any]:
-        try:
-            system, messages = convert(row)
-            messages = [{"role": m["role"], "content": fill_placeholders(m["content"], values)} for m in messages]
-            return {"_system": fill_placeholders(system, values), "_messages": validate_conversation(messages),
-                    "_invalid": ""}
-        except RowError as err:
-            if not skip_invalid:
-                raise LmforgeError(f"{row_location(spec, index)}: {err}") from None
-            return {"_system": "", "_messages": [], "_invalid": f"{row_location(spec, index)}: {err}"}
+    def conversation(row: dict[str, Any], fill: Callable[[str], str]) -> dict[str, Any]:
+        system, messages = convert(row)
+        return {"_system": fill(system), "_messages": validate_conversation(fill_turns(messages, fill))}
 
-    return map_rows(ds, apply, with_indices=True, remove_columns=present, num_proc=num_proc,
-                    desc=f"Converting {spec.name}", features=CONVERSATION_FEATURES)
+    return convert_rows(ds, spec, conversation, TURN_FEATURES, {"_system": "", "_messages": []}, present, num_proc,
+                        placeholders, skip_invalid)
 
 
 def _to_text(ds: datasets.Dataset, spec: DatasetSpec, formatting: str, present: list[str], num_proc: int | None) -> datasets.Dataset:

@@ -17,24 +17,16 @@ import datasets
 import numpy as np
 
 from lmforge.data.catalogue import DatasetSpec
-from lmforge.data.formats import (RowError, _text, alpaca_converter, fill_placeholders, map_rows, require_columns,
-                                  sharegpt_converter)
-from lmforge.data.loader import row_location
+from lmforge.data.formats import (TURN_FEATURES, RowError, _text, alpaca_converter, convert_rows, fill_turns,
+                                  require_columns, sharegpt_converter)
 from lmforge.data.processors import DROPPED, IGNORE_INDEX, KEPT, TRUNCATED, MaskPolicy, encode_conversation
 from lmforge.data.templates import Renderer
-from lmforge.errors import LmforgeError
 
 PairConverter = Callable[[dict[str, Any]], tuple[str, list[dict[str, str]], str, str]]
-PAIR_FEATURES = datasets.Features({
-    "_system": datasets.Value("string"),
-    "_messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
-    "_chosen": datasets.Value("string"),
-    "_rejected": datasets.Value("string"),
-    "_invalid": datasets.Value("string"),
-})
+PAIR_FEATURES = {**TURN_FEATURES, "_chosen": datasets.Value("string"), "_rejected": datasets.Value("string")}
 
 
-def _answer(value: Any, what: str, tag: Callable[[str], str] | None = None) -> str:
+def answer_text(value: Any, what: str, tag: Callable[[str], str] | None = None) -> str:
     """A response given as a string, a message dict, or a list ending with the assistant's message."""
     if isinstance(value, list):
         if not value:
@@ -49,7 +41,7 @@ def _answer(value: Any, what: str, tag: Callable[[str], str] | None = None) -> s
     return _text(value, what)
 
 
-def _prompt_messages(value: Any) -> list[dict[str, str]]:
+def prompt_messages(value: Any) -> list[dict[str, str]]:
     """`prompt` of the common format: a string (one user turn) or a list of role/content messages."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
@@ -70,11 +62,11 @@ def pair_converter(spec: DatasetSpec, present: list[str]) -> PairConverter:
         prompt_col, system_col = spec.columns.get("prompt", "prompt"), spec.columns.get("system")
 
         def convert(row: dict[str, Any]) -> tuple[str, list[dict[str, str]], str, str]:
-            messages = _prompt_messages(row.get(prompt_col))
+            messages = prompt_messages(row.get(prompt_col))
             system = _text(row.get(system_col), system_col) if system_col else ""
             if messages and messages[0]["role"] == "system":
                 system = messages.pop(0)["content"]
-            return system, messages, _answer(row.get(chosen_col), "chosen"), _answer(row.get(rejected_col), "rejected")
+            return system, messages, answer_text(row.get(chosen_col), "chosen"), answer_text(row.get(rejected_col), "rejected")
 
         return convert
     if formatting == "alpaca":
@@ -83,21 +75,21 @@ def pair_converter(spec: DatasetSpec, present: list[str]) -> PairConverter:
 
         def convert(row: dict[str, Any]) -> tuple[str, list[dict[str, str]], str, str]:
             system, messages = base(row)
-            return system, messages[:-1], _answer(row.get(chosen_col), "chosen"), _answer(row.get(rejected_col), "rejected")
+            return system, messages[:-1], answer_text(row.get(chosen_col), "chosen"), answer_text(row.get(rejected_col), "rejected")
 
         return convert
     base = sharegpt_converter(spec, present)
 
     def convert(row: dict[str, Any]) -> tuple[str, list[dict[str, str]], str, str]:
         system, messages = base(row)
-        return (system, messages, _answer(row.get(chosen_col), "chosen", spec.tag),
-                _answer(row.get(rejected_col), "rejected", spec.tag))
+        return (system, messages, answer_text(row.get(chosen_col), "chosen", spec.tag),
+                answer_text(row.get(rejected_col), "rejected", spec.tag))
 
     return convert
 
 
-def validate_pair(messages: list[dict[str, str]], chosen: str, rejected: str) -> None:
-    """A prompt that alternates user/assistant and ends with a user turn, two different non-empty answers."""
+def validate_prompt(messages: list[dict[str, str]]) -> None:
+    """A non-empty prompt that alternates user/assistant and ends with a user turn."""
     if not messages or not any(m["content"].strip() for m in messages if m["role"] == "user"):
         raise RowError("empty prompt")
     for i, message in enumerate(messages):
@@ -107,6 +99,11 @@ def validate_pair(messages: list[dict[str, str]], chosen: str, rejected: str) ->
                            "(the prompt alternates user, assistant and ends with a user turn)")
     if messages[-1]["role"] != "user":
         raise RowError("the prompt must end with a user turn")
+
+
+def validate_pair(messages: list[dict[str, str]], chosen: str, rejected: str) -> None:
+    """A valid prompt (`validate_prompt`) and two different non-empty answers."""
+    validate_prompt(messages)
     if not chosen.strip():
         raise RowError("empty chosen response")
     if not rejected.strip():
@@ -118,29 +115,20 @@ def validate_pair(messages: list[dict[str, str]], chosen: str, rejected: str) ->
 def to_pairs(ds: datasets.Dataset, spec: DatasetSpec, num_proc: int | None = None,
              placeholders: dict[str, str] | None = None, skip_invalid: bool = False) -> datasets.Dataset:
     """Rows -> `_system`, `_messages`, `_chosen`, `_rejected`, `_invalid` (see `to_conversations`)."""
-    values = placeholders if spec.placeholders and placeholders else {}
     present = list(ds.column_names)
     convert = pair_converter(spec, present)
 
-    def apply(row: dict[str, Any], index: int) -> dict[str, Any]:
-        try:
-            system, messages, chosen, rejected = convert(row)
-            fill = lambda text: fill_placeholders(text, values)  # noqa: E731
-            messages = [{"role": m["role"], "content": fill(m["content"])} for m in messages]
-            validate_pair(messages, chosen, rejected)
-            return {"_system": fill(system), "_messages": messages, "_chosen": fill(chosen),
-                    "_rejected": fill(rejected), "_invalid": ""}
-        except RowError as err:
-            if not skip_invalid:
-                raise LmforgeError(f"{row_location(spec, index)}: {err}") from None
-            return {"_system": "", "_messages": [], "_chosen": "", "_rejected": "",
-                    "_invalid": f"{row_location(spec, index)}: {err}"}
+    def pair(row: dict[str, Any], fill: Callable[[str], str]) -> dict[str, Any]:
+        system, messages, chosen, rejected = convert(row)
+        messages = fill_turns(messages, fill)
+        validate_pair(messages, chosen, rejected)
+        return {"_system": fill(system), "_messages": messages, "_chosen": fill(chosen), "_rejected": fill(rejected)}
 
-    return map_rows(ds, apply, with_indices=True, remove_columns=present, num_proc=num_proc,
-                    desc=f"Converting {spec.name}", features=PAIR_FEATURES)
+    empty = {"_system": "", "_messages": [], "_chosen": "", "_rejected": ""}
+    return convert_rows(ds, spec, pair, PAIR_FEATURES, empty, present, num_proc, placeholders, skip_invalid)
 
 
-def _answer_tokens(template: Renderer, tokenizer: Any, system: str, messages: list[dict[str, str]],
+def answer_tokens(template: Renderer, tokenizer: Any, system: str, messages: list[dict[str, str]],
                    answer: str) -> tuple[list[int], int, int]:
     """(ids, first trained index, end of the trained span) of the prompt plus `answer` as the last turn."""
     rendered = template.render(system, [*messages, {"role": "assistant", "content": answer}])
@@ -160,8 +148,8 @@ def encode_pairs_batch(batch: dict[str, list[Any]], tokenizer: Any, template: Re
     out: dict[str, list[Any]] = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "_status", "_loss_tokens")}
     for system, messages, chosen, rejected in zip(batch["_system"], batch["_messages"], batch["_chosen"],
                                                   batch["_rejected"]):
-        c_ids, c_start, c_end = _answer_tokens(template, tokenizer, system or "", messages, chosen)
-        r_ids, r_start, r_end = _answer_tokens(template, tokenizer, system or "", messages, rejected)
+        c_ids, c_start, c_end = answer_tokens(template, tokenizer, system or "", messages, chosen)
+        r_ids, r_start, r_end = answer_tokens(template, tokenizer, system or "", messages, rejected)
         shared = next((i for i, (a, b) in enumerate(zip(c_ids, r_ids)) if a != b), min(len(c_ids), len(r_ids)))
         p = min(c_start, r_start, shared)
         prompt, chosen_ids, rejected_ids = c_ids[:p], c_ids[p:c_end], r_ids[p:r_end]

@@ -25,13 +25,19 @@ from lmforge.data.formats import map_rows, to_conversations
 from lmforge.data.loader import load_raw
 from lmforge.data.packing import pack_dataset
 from lmforge.data.pairwise import encode_pairs_batch, to_pairs
+from lmforge.data.prompts import encode_prompts_batch, to_prompts
 from lmforge.data.processors import (DROPPED, TRUNCATED, MaskPolicy, encode_pt_batch, encode_pt_documents,
                                      encode_sft_batch)
 from lmforge.data.templates import get_template
+from lmforge.data.unpaired import encode_unpaired_batch, to_unpaired
 from lmforge.errors import LmforgeError
 
 logger = logging.getLogger(__name__)
 PAIRWISE_STAGES = ("rm", "dpo")  # chosen/rejected pairs
+PROMPT_STAGES = ("grpo", "ppo")  # prompts only: the policy writes the responses
+# stage -> (rows -> converted rows, converted rows -> token ids) for the stages with their own row shape
+ROW_SHAPES = {**{s: (to_pairs, encode_pairs_batch) for s in PAIRWISE_STAGES}, "kto": (to_unpaired, encode_unpaired_batch),
+              **{s: (to_prompts, encode_prompts_batch) for s in PROMPT_STAGES}}
 PROCESSING_VERSION = 3  # bump when tokenization output changes, to invalidate caches
 STAT_COLUMNS = ("_status", "_loss_tokens")
 
@@ -123,8 +129,8 @@ def load_conversations(names: str | None, args: DataArguments, stage: str, seed:
             ds = ds.take(min(limits)) if args.streaming else ds.select(range(min(min(limits), len(ds))))
         if not args.streaming:
             report.rows[spec.name] = len(ds)
-        if stage in PAIRWISE_STAGES:
-            converted = to_pairs(ds, spec, num_proc, placeholders, args.skip_invalid_examples)
+        if stage in ROW_SHAPES:
+            converted = ROW_SHAPES[stage][0](ds, spec, num_proc, placeholders, args.skip_invalid_examples)
         else:
             converted = to_conversations(ds, spec, stage, num_proc, placeholders, args.skip_invalid_examples)
         parts.append(_drop_invalid(converted, report))
@@ -153,14 +159,14 @@ def _tokenize(ds: Any, tokenizer: Any, args: DataArguments, stage: str, num_proc
     if stage == "pt":
         encode = encode_pt_documents if args.packing else encode_pt_batch
         fn = partial(encode, tokenizer=tokenizer, block_size=args.cutoff_len)
-    elif stage in PAIRWISE_STAGES:
+    elif stage in ROW_SHAPES:
         template = get_template(args.template, tokenizer)
-        fn = partial(encode_pairs_batch, tokenizer=tokenizer, template=template, cutoff_len=args.cutoff_len)
+        fn = partial(ROW_SHAPES[stage][1], tokenizer=tokenizer, template=template, cutoff_len=args.cutoff_len)
     else:
         template = get_template(args.template, tokenizer)
         policy = MaskPolicy(args.cutoff_len, args.train_on_prompt, args.mask_history)
         fn = partial(encode_sft_batch, tokenizer=tokenizer, template=template, policy=policy)
-    columns = ds.column_names
+    columns = [] if stage in PROMPT_STAGES else ds.column_names  # prompt rows keep their columns for the rewards
     return map_rows(ds, fn, batched=True, batch_size=1000, remove_columns=columns, num_proc=num_proc, desc="Tokenizing")
 
 
@@ -215,10 +221,15 @@ def build_datasets(args: DataArguments, stage: str, seed: int, tokenizer: Any) -
 
 
 def count_tokens(ds: datasets.Dataset) -> int:
-    """Tokens the model reads: input_ids, or for pairs the prompt twice plus both answers."""
+    """Tokens the model reads: input_ids; for pairs the prompt twice plus both answers; for kto prompt plus
+    completion; for rl prompts the prompts."""
     table = ds.with_format("arrow")[:]
-    if "input_ids" in ds.column_names:
-        return int(pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0)
+    if "prompt_length" in ds.column_names:
+        return int(pc.sum(table["prompt_length"]).as_py() or 0)
+    columns = [c for c in ("input_ids", "completion_ids") if c in ds.column_names]
+    if columns:
+        columns += ["prompt_ids"] if "completion_ids" in columns else []
+        return int(sum(pc.sum(pc.list_value_length(table[c])).as_py() or 0 for c in columns))
     lengths = {k: pc.sum(pc.list_value_length(table[k])).as_py() or 0 for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
     return int(2 * lengths["prompt_ids"] + lengths["chosen_ids"] + lengths["rejected_ids"])
 

@@ -277,3 +277,13 @@ def template_mismatch(template: Renderer, tokenizer: Any, chat_template: str | N
             at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
             return f"at character {at}: template gives {ours[at:at + 40]!r}, the tokenizer's gives {theirs[at:at + 40]!r}"
     return None
+
+
+def stop_token_ids(tokenizer: Any, template: Renderer) -> list[int]:
+    """EOS plus every stop word that is a single token (e.g. <|im_end|>, <|eot_id|>)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for word in template.stop_words:
+        encoded = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1:
+            ids.add(encoded[0])
+    return sorted(ids)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from lmforge.config import FinetuningArguments, ModelArguments
 from lmforge.errors import LmforgeError
+from lmforge.model.loader import load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,18 @@ def fill_base_model(model_args: ModelArguments, default: str | None = None) -> N
         model_args.model_name_or_path = (adapter_base_model(adapters[0]) if adapters else None) or default
     if adapters and not model_args.tokenizer_name_or_path and (Path(adapters[-1]) / "tokenizer_config.json").is_file():
         model_args.tokenizer_name_or_path = adapters[-1]  # the adapter's tokenizer carries the trained template
+
+
+def load_merged(model_args: ModelArguments, reward_head: bool = False) -> tuple[Any, Any]:
+    """Tokenizer and model in eval mode with every adapter of adapter_name_or_path merged in (inference and
+    scoring; fill_base_model first when the base is to come from the adapter)."""
+    from peft import PeftModel
+
+    tokenizer = load_tokenizer(model_args)
+    model = load_model(model_args, tokenizer, reward_head=reward_head)
+    for path in split_names(model_args.adapter_name_or_path):
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    return tokenizer, model.eval()
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

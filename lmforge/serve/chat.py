@@ -9,36 +9,17 @@ from typing import Any, Iterator, TextIO
 import torch
 
 from lmforge.config import GenerationArguments, ModelArguments
-from lmforge.data.templates import Renderer, get_template
+from lmforge.data.templates import get_template, stop_token_ids
 from lmforge.errors import LmforgeError
-from lmforge.model.adapters import fill_base_model, split_names
-from lmforge.model.loader import load_model, load_tokenizer
+from lmforge.model.adapters import fill_base_model, load_merged
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def load_for_inference(model_args: ModelArguments) -> tuple[Any, Any]:
     """Tokenizer and model in eval mode; LoRA adapters applied (all merged but kept exact)."""
-    from peft import PeftModel
-
     fill_base_model(model_args, default=DEFAULT_MODEL)
-    adapters = split_names(model_args.adapter_name_or_path)
-    tokenizer = load_tokenizer(model_args)
-    model = load_model(model_args, tokenizer)
-    for path in adapters:
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    model.eval()
-    return tokenizer, model
-
-
-def stop_token_ids(tokenizer: Any, template: Renderer) -> list[int]:
-    """EOS plus every stop word that is a single token (e.g. <|im_end|>, <|eot_id|>)."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for word in template.stop_words:
-        encoded = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if len(encoded) == 1:
-            ids.add(encoded[0])
-    return sorted(ids)
+    return load_merged(model_args)
 
 
 class ChatEngine:

@@ -67,8 +67,12 @@ class ProgressCallback(TrainerCallback):
         if self.bar is None or not logs:
             return
         if "loss" in logs:
-            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{logs.get('tokens_per_second', 0):.0f}",
-                                 lr=f"{logs.get('learning_rate', 0):.2e}")
+            shown = {"loss": f"{logs['loss']:.4f}", "lr": f"{logs.get('learning_rate', 0):.2e}"}
+            if "tokens_per_second" in logs:  # lmforge's collators count real tokens; TRL's do not
+                shown["tok_s"] = f"{logs['tokens_per_second']:.0f}"
+            if "reward" in logs:  # grpo
+                shown["reward"] = f"{logs['reward']:.3f}"
+            self.bar.set_postfix(shown)
         if "eval_loss" in logs:
             self.bar.write(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
 

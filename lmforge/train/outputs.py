@@ -32,7 +32,8 @@ def plot_losses(output_dir: str | Path) -> list[Path]:
     records = read_log(output_dir)
     written = []
     for key, name in (("loss", "training_loss.png"), ("eval_loss", "eval_loss.png"),
-                      ("rewards/margins", "reward_margins.png"), ("accuracy", "reward_accuracy.png")):
+                      ("rewards/margins", "reward_margins.png"), ("accuracy", "reward_accuracy.png"),
+                      ("reward", "reward.png")):
         points = [(r["step"], r[key]) for r in records if key in r]
         if not points:
             continue

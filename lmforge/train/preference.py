@@ -1,5 +1,5 @@
-"""The rm and dpo recipes: lmforge's data (pairs rendered with the chat template and masked as in SFT),
-model and outputs, trained by TRL's RewardTrainer and DPOTrainer.
+"""The rm, dpo and kto recipes: lmforge's data (pairs or labelled responses rendered with the chat template
+and masked as in SFT), model and outputs, trained by TRL's RewardTrainer, DPOTrainer and KTOTrainer.
 
 dpo's pref_loss sigmoid, ipo and hinge are TRL's own losses against a reference model (with LoRA, the
 base model with the adapter disabled: no second copy); orpo and simpo are reference-free and computed
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import transformers
-from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, RewardConfig, RewardTrainer
 
 from lmforge.config import TrainConfig
 from lmforge.model.loader import load_model
@@ -29,7 +29,7 @@ def trl_config(cls: type, args: transformers.TrainingArguments, **extra: Any) ->
     """A TRL config carrying every transformers.TrainingArguments value of lmforge's args."""
     base = {f.name: getattr(args, f.name) for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
     base["remove_unused_columns"] = False  # the data is already tokenized by lmforge
-    return cls(**base, **extra)
+    return cls(**(base | extra))
 
 
 class LmforgeRewardTrainer(EngineMixin, RewardTrainer):
@@ -87,6 +87,25 @@ class LmforgeDPOTrainer(EngineMixin, DPOTrainer):
         self._metrics[mode]["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
 
 
+class LmforgeKTOTrainer(EngineMixin, KTOTrainer):
+    """TRL's KTOTrainer on lmforge's tokenized (prompt, completion, label) rows."""
+
+    def __init__(self, *args: Any, fingerprint: str = "", fresh_adapter: bool = True, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.setup_engine(fingerprint)
+        if fresh_adapter and "ref" in getattr(self.model, "peft_config", {}):
+            self.model.delete_adapter("ref")  # as in LmforgeDPOTrainer: the reference is the adapter disabled
+
+    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+        if not self.calculate_KL:
+            return dataset
+        # KTO's KL term scores each prompt with another row's completion: TRL pairs neighbours inside a batch of
+        # a fixed order, so shuffle once (seeded) and rotate the completions by one within each batch
+        dataset = dataset.shuffle(seed=args.seed).flatten_indices()
+        return dataset.map(lambda b: {"KL_completion_ids": b["completion_ids"][-1:] + b["completion_ids"][:-1]},
+                           batched=True, batch_size=args.per_device_train_batch_size, desc="Pairing KL completions")
+
+
 def reference_free_loss(kind: str, chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma: float,
                         ftx: float) -> torch.Tensor:
     """orpo: -mean log p(chosen) + beta * -logsigmoid(log odds(chosen) - log odds(rejected));
@@ -118,10 +137,10 @@ def reward_pairs(ds: Any) -> Any:
 
 
 def run_preference(config: TrainConfig) -> dict[str, Any]:
-    """Train a reward model (stage rm) or a policy on preferences (stage dpo); returns all_results."""
+    """Train a reward model (stage rm) or a policy on preferences (dpo, kto); returns all_results."""
     fingerprint, resume, tokenizer, data = prepare_run(config)
     args, f = config.training, config.finetuning
-    if args.train_sampling_strategy == "group_by_length":  # pairs of similar length share a batch (eval too)
+    if args.train_sampling_strategy == "group_by_length" and f.stage != "kto":  # similar lengths share a batch
         data.train, data.eval = with_pair_lengths(data.train), with_pair_lengths(data.eval)
     callbacks = [JsonlLogCallback(args.output_dir), ProgressCallback()]
     if f.stage == "rm":
@@ -131,6 +150,16 @@ def run_preference(config: TrainConfig) -> dict[str, Any]:
             model=model, args=trl_config(RewardConfig, args, max_length=None), train_dataset=reward_pairs(data.train),
             eval_dataset=reward_pairs(data.eval), processing_class=tokenizer, callbacks=callbacks,
             fingerprint=fingerprint)
+    elif f.stage == "kto":
+        model = build_model(config, tokenizer)
+        kto_args = trl_config(KTOConfig, args, beta=f.pref_beta, desirable_weight=f.kto_chosen_weight,
+                              undesirable_weight=f.kto_rejected_weight, max_length=None,
+                              precompute_ref_log_probs=f.precompute_ref_log_probs,
+                              train_sampling_strategy="sequential")  # the order _prepare_dataset fixed
+        trainer = LmforgeKTOTrainer(
+            model=model, ref_model=_reference_model(config, tokenizer), args=kto_args, train_dataset=data.train,
+            eval_dataset=data.eval, processing_class=tokenizer, callbacks=callbacks, fingerprint=fingerprint,
+            fresh_adapter=not config.model.adapter_name_or_path)
     else:
         model = build_model(config, tokenizer)
         trainer = LmforgeDPOTrainer(
