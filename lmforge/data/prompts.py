@@ -27,6 +27,14 @@ PromptConverter = Callable[[dict[str, Any]], tuple[str, list[dict[str, str]], st
 PROMPT_FEATURES = {**TURN_FEATURES, "answer": datasets.Value("string")}
 
 
+def reference_answer(row: dict[str, Any], column: str | None) -> str:
+    """The row's reference answer as text (numbers, as in many math sets, become their decimal form)."""
+    value = row.get(column) if column else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return _text(value, column or "answer")
+
+
 def prompt_converter(spec: DatasetSpec, present: list[str]) -> tuple[PromptConverter, set[str]]:
     """The converter for a prompt dataset's format, and the columns it consumes."""
     formatting = spec.formatting or ("openai" if "messages" in present else "sharegpt" if "conversations" in present
@@ -43,7 +51,7 @@ def prompt_converter(spec: DatasetSpec, present: list[str]) -> tuple[PromptConve
             system = _text(row.get(system_col), system_col) if system_col else ""
             if messages and messages[0]["role"] == "system":
                 system = messages.pop(0)["content"]
-            return system, messages, _text(row.get(answer_col), answer_col) if answer_col else ""
+            return system, messages, reference_answer(row, answer_col)
 
         return convert, {c for c in (prompt_col, system_col, answer_col) if c}
     if formatting == "alpaca":
@@ -63,7 +71,7 @@ def prompt_converter(spec: DatasetSpec, present: list[str]) -> tuple[PromptConve
         if messages and messages[-1]["role"] == "assistant":
             reference = messages.pop()["content"]
         if answer_col:
-            reference = _text(row.get(answer_col), answer_col)
+            reference = reference_answer(row, answer_col)
         return system, messages, reference
 
     return convert, {c for c in consumed if c and c in present}

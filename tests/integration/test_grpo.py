@@ -33,6 +33,9 @@ def test_prompts_are_rendered_with_the_generation_prompt(smol_tokenizer, data_di
     row = build_datasets(DataArguments(dataset=str(path), template="auto"), "grpo", 0, smol_tokenizer).train[0]
     assert row["answer"] == "4" and row["level"] == 1 and row["prompt"].endswith("<|im_start|>assistant\n")
     assert "4" not in row["prompt"]
+    path.write_text(json.dumps({"prompt": "6*7?", "answer": 42}) + "\n")  # numeric answers, as in math sets
+    assert build_datasets(DataArguments(dataset=str(path), template="auto"), "grpo", 0,
+                          smol_tokenizer).train[0]["answer"] == "42"
 
 
 def test_grpo_raises_the_mean_reward_on_a_toy_task(tiny_llama_dir, data_dir, tmp_path, monkeypatch):
