@@ -79,17 +79,29 @@ def cmd_train(argv: list[str]) -> int | None:
     settings = launch_settings(config)
     if settings is not None:
         return relaunch(settings, argv)
-    if config.finetuning.stage in ("rm", "dpo", "kto"):
-        from lmforge.train.preference import run_preference
+    try:
+        if config.finetuning.stage in ("rm", "dpo", "kto"):
+            from lmforge.train.preference import run_preference
 
-        run_preference(config)
-    elif config.finetuning.stage in ("grpo", "ppo"):
-        from lmforge.train.rl import run_rl
+            run_preference(config)
+        elif config.finetuning.stage in ("grpo", "ppo"):
+            from lmforge.train.rl import run_rl
 
-        run_rl(config)
-    else:
-        run_causal_lm(config)
+            run_rl(config)
+        else:
+            run_causal_lm(config)
+    finally:
+        leave_process_group()
     return None
+
+
+def leave_process_group() -> None:
+    """Tear the process group down before exit: left to interpreter shutdown, gloo's threads can abort a
+    finished process ("terminate called without an active exception"), failing a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cmd_preprocess(argv: list[str]) -> None:
