@@ -41,6 +41,23 @@ def detect_formatting(spec: DatasetSpec, columns: list[str], stage: str) -> str:
     )
 
 
+def detect_turn_format(spec: DatasetSpec, present: list[str]) -> str:
+    """The formatting of rows whose answer columns vary by stage (pairs, KTO rows, RL prompts): the one the
+    catalogue names, else openai / sharegpt / alpaca from the columns, else `prompt` (a `prompt` column of
+    text or messages, for which the spec keeps no formatting)."""
+    formatting = spec.formatting or ("openai" if "messages" in present else "sharegpt" if "conversations" in present
+                                     else "alpaca" if "instruction" in present else "prompt")
+    spec.formatting = None if formatting == "prompt" else formatting
+    return formatting
+
+
+def split_system(messages: list[dict[str, str]], system: str = "") -> tuple[str, list[dict[str, str]]]:
+    """(system, turns): a leading system message taken out of the turns; else `system` unchanged."""
+    if messages and messages[0]["role"] == "system":
+        return messages[0]["content"], messages[1:]
+    return system, messages
+
+
 def require_columns(spec: DatasetSpec, needed: dict[str, str | None], present: list[str]) -> None:
     """Every mapped column must exist; say which mapping key to fix."""
     for key, column in needed.items():
@@ -109,10 +126,7 @@ def sharegpt_converter(spec: DatasetSpec, present: list[str]) -> Converter:
             if role not in roles:
                 raise RowError(f"unknown role '{role}'; known: {', '.join(roles)} (map others with `tags`)")
             messages.append({"role": roles[role], "content": _text(turn[tag("content_tag")], "message content")})
-        system = _text(row.get(system_column), system_column) if system_column else ""
-        if messages[0]["role"] == "system":
-            system = messages.pop(0)["content"]
-        return system, messages
+        return split_system(messages, _text(row.get(system_column), system_column) if system_column else "")
 
     return convert
 

@@ -17,8 +17,8 @@ import datasets
 import numpy as np
 
 from lmforge.data.catalogue import DatasetSpec
-from lmforge.data.formats import (TURN_FEATURES, RowError, _text, alpaca_converter, convert_rows, fill_turns,
-                                  require_columns, sharegpt_converter)
+from lmforge.data.formats import (TURN_FEATURES, RowError, _text, alpaca_converter, convert_rows, detect_turn_format,
+                                  fill_turns, require_columns, sharegpt_converter, split_system)
 from lmforge.data.processors import DROPPED, IGNORE_INDEX, KEPT, TRUNCATED, MaskPolicy, encode_conversation
 from lmforge.data.templates import Renderer
 
@@ -54,18 +54,14 @@ def pair_converter(spec: DatasetSpec, present: list[str]) -> PairConverter:
     """The converter for a pairwise dataset's format (detected from the columns when not named)."""
     chosen_col, rejected_col = spec.columns.get("chosen", "chosen"), spec.columns.get("rejected", "rejected")
     require_columns(spec, {"chosen": chosen_col, "rejected": rejected_col}, present)
-    formatting = spec.formatting or ("openai" if "messages" in present else "sharegpt" if "conversations" in present
-                                     else "alpaca" if "instruction" in present else "prompt")
-    spec.formatting = None if formatting == "prompt" else formatting
+    formatting = detect_turn_format(spec, present)
     if formatting == "prompt":
         require_columns(spec, {"prompt": spec.columns.get("prompt", "prompt")}, present)
         prompt_col, system_col = spec.columns.get("prompt", "prompt"), spec.columns.get("system")
 
         def convert(row: dict[str, Any]) -> tuple[str, list[dict[str, str]], str, str]:
-            messages = prompt_messages(row.get(prompt_col))
-            system = _text(row.get(system_col), system_col) if system_col else ""
-            if messages and messages[0]["role"] == "system":
-                system = messages.pop(0)["content"]
+            system, messages = split_system(prompt_messages(row.get(prompt_col)),
+                                            _text(row.get(system_col), system_col) if system_col else "")
             return system, messages, answer_text(row.get(chosen_col), "chosen"), answer_text(row.get(rejected_col), "rejected")
 
         return convert
@@ -139,6 +135,17 @@ def answer_tokens(template: Renderer, tokenizer: Any, system: str, messages: lis
     return ids, int(trained[0]), int(trained[-1]) + 1
 
 
+def fit_cutoff(prompt: list[int], answers: list[list[int]], cutoff_len: int) -> tuple[list[int], list[list[int]], str]:
+    """(prompt, answers, status) within cutoff_len: a prompt of cutoff_len tokens or more drops the row
+    (every part emptied); otherwise each answer is cut to the room the prompt leaves."""
+    if len(prompt) >= cutoff_len:
+        return [], [[] for _ in answers], DROPPED
+    room = cutoff_len - len(prompt)
+    if max(len(a) for a in answers) > room:
+        return prompt, [a[:room] for a in answers], TRUNCATED
+    return prompt, answers, KEPT
+
+
 def encode_pairs_batch(batch: dict[str, list[Any]], tokenizer: Any, template: Renderer,
                        cutoff_len: int) -> dict[str, list[Any]]:
     """Batched map: pairs -> prompt_ids, chosen_ids, rejected_ids. The prompt is the common prefix of
@@ -152,13 +159,8 @@ def encode_pairs_batch(batch: dict[str, list[Any]], tokenizer: Any, template: Re
         r_ids, r_start, r_end = answer_tokens(template, tokenizer, system or "", messages, rejected)
         shared = next((i for i, (a, b) in enumerate(zip(c_ids, r_ids)) if a != b), min(len(c_ids), len(r_ids)))
         p = min(c_start, r_start, shared)
-        prompt, chosen_ids, rejected_ids = c_ids[:p], c_ids[p:c_end], r_ids[p:r_end]
-        status = KEPT
-        if len(prompt) >= cutoff_len:
-            prompt, chosen_ids, rejected_ids, status = [], [], [], DROPPED
-        elif len(prompt) + max(len(chosen_ids), len(rejected_ids)) > cutoff_len:
-            room = cutoff_len - len(prompt)
-            chosen_ids, rejected_ids, status = chosen_ids[:room], rejected_ids[:room], TRUNCATED
+        prompt, (chosen_ids, rejected_ids), status = fit_cutoff(c_ids[:p], [c_ids[p:c_end], r_ids[p:r_end]],
+                                                                cutoff_len)
         out["prompt_ids"].append(prompt)
         out["chosen_ids"].append(chosen_ids)
         out["rejected_ids"].append(rejected_ids)

@@ -17,8 +17,8 @@ from typing import Any, Callable
 import datasets
 
 from lmforge.data.catalogue import DatasetSpec
-from lmforge.data.formats import (TURN_FEATURES, _text, alpaca_converter, convert_rows, fill_turns, require_columns,
-                                  sharegpt_converter)
+from lmforge.data.formats import (TURN_FEATURES, _text, alpaca_converter, convert_rows, detect_turn_format, fill_turns,
+                                  require_columns, sharegpt_converter, split_system)
 from lmforge.data.pairwise import prompt_messages, validate_prompt
 from lmforge.data.processors import DROPPED, KEPT
 from lmforge.data.templates import Renderer
@@ -37,9 +37,7 @@ def reference_answer(row: dict[str, Any], column: str | None) -> str:
 
 def prompt_converter(spec: DatasetSpec, present: list[str]) -> tuple[PromptConverter, set[str]]:
     """The converter for a prompt dataset's format, and the columns it consumes."""
-    formatting = spec.formatting or ("openai" if "messages" in present else "sharegpt" if "conversations" in present
-                                     else "alpaca" if "instruction" in present else "prompt")
-    spec.formatting = None if formatting == "prompt" else formatting
+    formatting = detect_turn_format(spec, present)
     answer_col = spec.columns.get("answer", "answer")
     answer_col = answer_col if answer_col in present else None
     if formatting == "prompt":
@@ -47,10 +45,8 @@ def prompt_converter(spec: DatasetSpec, present: list[str]) -> tuple[PromptConve
         require_columns(spec, {"prompt": prompt_col, "system": system_col}, present)
 
         def convert(row: dict[str, Any]) -> tuple[str, list[dict[str, str]], str]:
-            messages = prompt_messages(row.get(prompt_col))
-            system = _text(row.get(system_col), system_col) if system_col else ""
-            if messages and messages[0]["role"] == "system":
-                system = messages.pop(0)["content"]
+            system, messages = split_system(prompt_messages(row.get(prompt_col)),
+                                            _text(row.get(system_col), system_col) if system_col else "")
             return system, messages, reference_answer(row, answer_col)
 
         return convert, {c for c in (prompt_col, system_col, answer_col) if c}

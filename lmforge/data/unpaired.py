@@ -17,10 +17,9 @@ from typing import Any, Callable
 import datasets
 
 from lmforge.data.catalogue import DatasetSpec
-from lmforge.data.formats import (TURN_FEATURES, RowError, alpaca_converter, convert_rows, fill_turns, require_columns,
-                                  sharegpt_converter)
-from lmforge.data.pairwise import answer_text, answer_tokens, prompt_messages, validate_prompt
-from lmforge.data.processors import DROPPED, KEPT, TRUNCATED
+from lmforge.data.formats import (TURN_FEATURES, RowError, alpaca_converter, convert_rows, detect_turn_format,
+                                  fill_turns, require_columns, sharegpt_converter, split_system)
+from lmforge.data.pairwise import answer_text, answer_tokens, fit_cutoff, prompt_messages, validate_prompt
 from lmforge.data.templates import Renderer
 
 UnpairedConverter = Callable[[dict[str, Any]], tuple[str, list[dict[str, str]], str, bool]]
@@ -43,16 +42,13 @@ def unpaired_converter(spec: DatasetSpec, present: list[str]) -> UnpairedConvert
     """The converter for a KTO dataset's format (detected from the columns when not named)."""
     label_col = spec.columns.get("kto_tag") or ("label" if "label" in present else "kto_tag")
     require_columns(spec, {"kto_tag": label_col}, present)
-    formatting = spec.formatting or ("openai" if "messages" in present else "sharegpt" if "conversations" in present
-                                     else "alpaca" if "instruction" in present else "prompt")
-    spec.formatting = None if formatting == "prompt" else formatting
+    formatting = detect_turn_format(spec, present)
     if formatting == "prompt":
         prompt_col, completion_col = spec.columns.get("prompt", "prompt"), spec.columns.get("completion", "completion")
         require_columns(spec, {"prompt": prompt_col, "completion": completion_col}, present)
 
         def convert(row: dict[str, Any]) -> tuple[str, list[dict[str, str]], str, bool]:
-            messages = prompt_messages(row.get(prompt_col))
-            system = messages.pop(0)["content"] if messages and messages[0]["role"] == "system" else ""
+            system, messages = split_system(prompt_messages(row.get(prompt_col)))
             return system, messages, answer_text(row.get(completion_col), "completion"), parse_label(row.get(label_col),
                                                                                                  label_col)
 
@@ -94,11 +90,7 @@ def encode_unpaired_batch(batch: dict[str, list[Any]], tokenizer: Any, template:
     for system, messages, completion, label in zip(batch["_system"], batch["_messages"], batch["_completion"],
                                                    batch["_label"]):
         ids, start, end = answer_tokens(template, tokenizer, system or "", messages, completion)
-        prompt, answer, status = ids[:start], ids[start:end], KEPT
-        if len(prompt) >= cutoff_len:
-            prompt, answer, status = [], [], DROPPED
-        elif len(prompt) + len(answer) > cutoff_len:
-            answer, status = answer[: cutoff_len - len(prompt)], TRUNCATED
+        prompt, (answer,), status = fit_cutoff(ids[:start], [ids[start:end]], cutoff_len)
         out["prompt_ids"].append(prompt)
         out["completion_ids"].append(answer)
         out["label"].append(bool(label))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lmforge.config.args import ScoreArguments
-from lmforge.data.formats import RowError
+from lmforge.data.formats import RowError, split_system
 from lmforge.data.loader import locate_bad_line
 from lmforge.data.pairwise import answer_text, prompt_messages, validate_prompt
 from lmforge.errors import LmforgeError
@@ -40,7 +40,7 @@ def conversation(row: Any) -> tuple[str, list[dict[str, str]], str]:
             raise RowError("expected prompt with response (or completion), or messages")
         messages = prompt_messages(row["prompt"])
         response = answer_text(row.get("response", row.get("completion")), "response")
-    system = messages.pop(0)["content"] if messages and messages[0]["role"] == "system" else ""
+    system, messages = split_system(messages)
     validate_prompt(messages)
     return system, messages, response
 
