@@ -152,14 +152,10 @@ def run_preference(config: TrainConfig) -> dict[str, Any]:
             fingerprint=fingerprint)
     elif f.stage == "kto":
         model = build_model(config, tokenizer)
-        kto_args = trl_config(KTOConfig, args, beta=f.pref_beta, desirable_weight=f.kto_chosen_weight,
-                              undesirable_weight=f.kto_rejected_weight, max_length=None,
-                              precompute_ref_log_probs=f.precompute_ref_log_probs,
-                              train_sampling_strategy="sequential")  # the order _prepare_dataset fixed
         trainer = LmforgeKTOTrainer(
-            model=model, ref_model=_reference_model(config, tokenizer), args=kto_args, train_dataset=data.train,
-            eval_dataset=data.eval, processing_class=tokenizer, callbacks=callbacks, fingerprint=fingerprint,
-            fresh_adapter=not config.model.adapter_name_or_path)
+            model=model, ref_model=_reference_model(config, tokenizer), args=_kto_config(config),
+            train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer, callbacks=callbacks,
+            fingerprint=fingerprint, fresh_adapter=not config.model.adapter_name_or_path)
     else:
         model = build_model(config, tokenizer)
         trainer = LmforgeDPOTrainer(
@@ -178,6 +174,14 @@ def _dpo_config(config: TrainConfig) -> DPOConfig:
         losses, weights = losses + ["sft"], weights + [f.pref_ftx]
     return trl_config(DPOConfig, config.training, beta=f.pref_beta, loss_type=losses, loss_weights=weights,
                       max_length=None, precompute_ref_log_probs=f.precompute_ref_log_probs)
+
+
+def _kto_config(config: TrainConfig) -> KTOConfig:
+    f = config.finetuning
+    return trl_config(KTOConfig, config.training, beta=f.pref_beta, desirable_weight=f.kto_chosen_weight,
+                      undesirable_weight=f.kto_rejected_weight, max_length=None,
+                      precompute_ref_log_probs=f.precompute_ref_log_probs,
+                      train_sampling_strategy="sequential")  # the order _prepare_dataset fixed
 
 
 def _reference_model(config: TrainConfig, tokenizer: Any) -> Any:

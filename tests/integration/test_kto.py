@@ -12,7 +12,7 @@ from lmforge.config import DataArguments
 from lmforge.config.parser import parse_train_config
 from lmforge.data.pipeline import build_datasets
 from lmforge.train.causal_lm import build_model, prepare_tokenizer
-from lmforge.train.preference import LmforgeKTOTrainer, trl_config
+from lmforge.train.preference import LmforgeKTOTrainer, _kto_config
 
 
 def test_rows_are_rendered_and_masked_like_sft(smol_tokenizer, data_dir):
@@ -55,11 +55,9 @@ def _trainer(tiny_llama_dir, data_dir, tmp_path, *extra):
     tokenizer = prepare_tokenizer(config)
     data = build_datasets(config.data, "kto", 0, tokenizer)
     model = build_model(config, tokenizer)
-    f = config.finetuning
-    args = trl_config(__import__("trl").KTOConfig, config.training, beta=f.pref_beta, max_length=None,
-                      desirable_weight=f.kto_chosen_weight, undesirable_weight=f.kto_rejected_weight,
-                      train_sampling_strategy="sequential")
-    return LmforgeKTOTrainer(model=model, args=args, train_dataset=data.train, processing_class=tokenizer), model, f
+    trainer = LmforgeKTOTrainer(model=model, args=_kto_config(config), train_dataset=data.train,
+                                processing_class=tokenizer)
+    return trainer, model, config.finetuning
 
 
 def _logps(model, ids, mask, completion):
