@@ -1,6 +1,7 @@
 """Where one packed training step's time goes on CPU: LoRA on SmolLM2-135M, 4 packed rows of 1024 tokens,
-forward + backward under torch.profiler, with the block-diagonal mask lmforge sends for packed rows vs plain
-causal attention over the same tokens (which would let examples see each other: timing only).
+forward + backward under torch.profiler: lmforge's variable-length sdpa (one causal call per example, what
+`train` uses), a block-diagonal mask over the rows, and plain causal attention over the same tokens (which
+would let examples see each other: timing only).
 
     .venv/bin/python bench/profile_step.py --model $BENCH_CACHE/models/smollm2-135m-instruct
 """
@@ -15,7 +16,8 @@ from peft import LoraConfig, get_peft_model
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 
-from lmforge.data.collator import COUNT_KEYS, PackedCollator
+from lmforge.data.collator import COUNT_KEYS, VARLEN_SDPA, PackedCollator
+from lmforge.model.varlen import use_varlen_sdpa
 
 # example lengths of 4 packed rows, long-tailed as in the harness's chat data
 ROWS = [[600, 200, 150, 74], [300, 300, 200, 224], [900, 124], [100] * 10 + [24]]
@@ -28,9 +30,11 @@ def batches() -> dict[str, dict[str, torch.Tensor]]:
         ids = torch.randint(100, 40000, (sum(lengths),)).tolist()
         features.append({"input_ids": ids, "labels": ids, "lengths": lengths})
     packed = PackedCollator(0, "sdpa")(features)
+    varlen = PackedCollator(0, VARLEN_SDPA)(features)
     for key in COUNT_KEYS:
         packed.pop(key, None)
-    return {"packed (block mask)": packed,
+        varlen.pop(key, None)
+    return {"packed (varlen sdpa)": varlen, "packed (block mask)": packed,
             "causal only": {"input_ids": packed["input_ids"], "labels": packed["labels"]}}
 
 
@@ -49,6 +53,10 @@ def main() -> None:
     print("| attention | step (s) | matmul (s) | attention kernels (s) | log-softmax (s) | other (s) |")
     print("|---|---|---|---|---|---|")
     for name, batch in batches().items():
+        if "cu_seq_lens_q" in batch:
+            use_varlen_sdpa(model)
+        else:
+            model.get_base_model().set_attn_implementation("sdpa")
         step(batch)  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             seconds = step(batch)

@@ -13,6 +13,8 @@ import torch
 
 from lmforge.data.processors import IGNORE_INDEX
 
+VARLEN_SDPA = "lmforge_varlen_sdpa"  # lmforge.model.varlen registers it (kept here: no model import)
+
 CAUSAL_ONLY_KEY = "mask_is_trailing_padding"
 
 
@@ -107,8 +109,9 @@ class PackedCollator:
     """Packed rows (`lengths` per row) with examples isolated on every attention backend.
 
     flash_attention_2: all rows flattened into one (1, N) row with per-example position_ids, which
-    transformers turns into variable-length (cu_seqlens) attention. sdpa: a boolean block-diagonal
-    causal mask. eager: the same mask as additive floats (eager adds the mask to the scores, so a
+    transformers turns into variable-length (cu_seqlens) attention. VARLEN_SDPA (what `train` uses for
+    sdpa): the same flattened row plus the boundaries `cu_seq_lens_q`, one causal sdpa call per example
+    (lmforge/model/varlen.py). sdpa: a boolean block-diagonal causal mask. eager: the same mask as additive floats (eager adds the mask to the scores, so a
     boolean one would be wrong).
     """
 
@@ -118,14 +121,18 @@ class PackedCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         lengths = [list(f["lengths"]) for f in features]
         real = sum(sum(parts) for parts in lengths)
-        if self.attn_implementation.startswith("flash"):
+        if self.attn_implementation.startswith("flash") or self.attn_implementation == VARLEN_SDPA:
             flat = [[t for f in features for t in f["input_ids"]]]
-            return {
+            batch = {
                 "input_ids": _pad(flat, real, self.pad_token_id),  # (1, N)
                 "labels": _pad([[t for f in features for t in f["labels"]]], real, IGNORE_INDEX),
                 "position_ids": position_ids_for([[n for parts in lengths for n in parts]], real),
                 "num_real_tokens": real, "num_positions": real, "num_rows": len(features),
             }
+            if self.attn_implementation == VARLEN_SDPA:
+                ends = torch.tensor([n for parts in lengths for n in parts], dtype=torch.long).cumsum(0)
+                batch["cu_seq_lens_q"] = torch.cat([torch.zeros(1, dtype=torch.long), ends])  # example boundaries
+            return batch
         width = max(len(f["input_ids"]) for f in features)
         allowed = block_causal_mask(segment_ids(lengths, width))
         mask = allowed if self.attn_implementation == "sdpa" else additive_mask(allowed)

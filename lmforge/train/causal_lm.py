@@ -19,6 +19,8 @@ from lmforge.data.pipeline import get_datasets, with_length_column
 from lmforge.data.templates import CatalogueTemplate, get_template, template_mismatch
 from lmforge.errors import LmforgeError
 from lmforge.model.adapters import record_base_model, setup_finetuning
+from lmforge.model.lean_ops import apply_lean_swiglu
+from lmforge.model.varlen import use_varlen_sdpa
 from lmforge.model.loader import check_weights, count_parameters, load_model, load_tokenizer, resolve_model_path
 from lmforge.train.callbacks import JsonlLogCallback, ProgressCallback, StopOnSignal, TrainingStopped
 from lmforge.train.checkpoints import STAGING, config_fingerprint, resolve_resume
@@ -78,6 +80,8 @@ def build_model(config: TrainConfig, tokenizer: Any, reward_head: bool = False) 
     t = config.training
     compute_dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
     model = load_model(config.model, tokenizer, compute_dtype, reward_head=reward_head)
+    if t.lean_mlp and not t.use_liger_kernel:
+        apply_lean_swiglu(model)
     transformers.set_seed(config.training.seed)  # the same adapter init however the model was loaded (ZeRO-3 too)
     model = setup_finetuning(model, config.finetuning, config.model, config.training.gradient_checkpointing)
     total, trainable = count_parameters(model)
@@ -104,7 +108,11 @@ def build_trainer(config: TrainConfig, tokenizer: Any, data: Any, model: Any, fi
     """The trainer with lmforge's collator (padded or packed), logs and progress bar."""
     args = config.training
     packed = "lengths" in (data.train.column_names or [])
-    collator = (PackedCollator(tokenizer.pad_token_id, config.model.attn_implementation) if packed
+    attention = config.model.attn_implementation
+    if packed and attention == "sdpa":
+        attention = use_varlen_sdpa(model)
+        logger.info("attention: packed examples run as separate causal sdpa calls (no cross-example scores)")
+    collator = (PackedCollator(tokenizer.pad_token_id, attention) if packed
                 else PaddingCollator(tokenizer.pad_token_id, causal_mask_only=True))
     args.remove_unused_columns = False  # the collators take what they need (`lengths` included)
     if args.train_sampling_strategy == "group_by_length" and not config.data.streaming:

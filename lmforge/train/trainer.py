@@ -22,6 +22,11 @@ LARGE_VOCAB = 32_000
 logger = logging.getLogger(__name__)
 
 
+def is_mixture_of_experts(model: torch.nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return any(getattr(config, key, None) for key in ("num_experts", "num_local_experts", "n_routed_experts"))
+
+
 class EngineMixin:
     """What every lmforge trainer shares, whether it extends `transformers.Trainer` or a TRL trainer:
     checkpoints staged in output_dir/.staging with a manifest and renamed into place, rotation that
@@ -30,6 +35,11 @@ class EngineMixin:
 
     def setup_engine(self, fingerprint: str) -> None:
         self.fingerprint = fingerprint
+        if self.args.ddp_find_unused_parameters is None:
+            # LoRA, freeze and full tuning use every trainable parameter in each forward, so DDP's search for
+            # unused ones (transformers' default) is an extra graph walk per step; mixture-of-experts
+            # layers can leave experts unrouted, so they keep it
+            self.args.ddp_find_unused_parameters = is_mixture_of_experts(self.model)
         self.protected: set[str] = set()  # the checkpoint being resumed from: never rotated away
         self.add_callback(EngineReport(self))
 

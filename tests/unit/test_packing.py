@@ -126,3 +126,64 @@ def test_right_padding_needs_no_mask_under_causal_attention(arch):
     assert causal.loss.item() == pytest.approx(masked.loss.item(), abs=1e-6)
     assert (causal.logits[real] - masked.logits[real]).abs().max() <= 1e-5
     assert max((a - b).abs().max().item() for a, b in zip(grads_masked, grads_causal)) <= 1e-5
+
+
+def flat_reference(model, examples):
+    """Per-example logits and the token-weighted loss of the examples run one by one."""
+    logits, total_loss, total_tokens = [], 0.0, 0
+    for ids, labels in examples:
+        single = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+        logits.append(single.logits[0])
+        n = sum(1 for t in labels[1:] if t != IGNORE_INDEX)
+        total_loss, total_tokens = total_loss + single.loss * n, total_tokens + n
+    return torch.cat(logits), total_loss / total_tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_varlen_sdpa_equals_one_by_one_logits_loss_and_gradients(arch):
+    """sdpa packing as `train` runs it: one causal call per example on a flattened row."""
+    from lmforge.data.collator import VARLEN_SDPA
+    from lmforge.model.varlen import use_varlen_sdpa
+
+    examples = make_examples()
+    order = [i for row in ROWS for i in row]
+    model = tiny(arch, "sdpa").train()
+    ref_logits, ref_loss = flat_reference(model, [examples[i] for i in order])
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    assert use_varlen_sdpa(model) == VARLEN_SDPA
+    batch = PackedCollator(0, VARLEN_SDPA)(packed_features(examples, ROWS))
+    assert batch["cu_seq_lens_q"].tolist() == [0, 7, 19, 22, 27, 36, 50]
+    for key in COUNT_KEYS:
+        batch.pop(key)
+    out = model(**batch)
+    out.loss.backward()
+    assert out.logits.shape[:2] == (1, 50)
+    assert (out.logits[0] - ref_logits).abs().max().item() <= 1e-5
+    assert out.loss.item() == pytest.approx(ref_loss.item(), abs=1e-6)
+    assert max((p.grad - ref_grads[n]).abs().max().item() for n, p in model.named_parameters()) <= 1e-5
+    with torch.no_grad():  # an unpacked batch (no boundaries) still runs as plain sdpa
+        single = model(input_ids=torch.tensor([examples[0][0]])).logits[0]
+    assert (single - ref_logits[:7]).abs().max().item() <= 1e-5
+
+
+def test_varlen_sdpa_keeps_a_sliding_window_inside_an_example():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmforge.data.collator import VARLEN_SDPA
+    from lmforge.model.varlen import use_varlen_sdpa
+
+    config = AutoConfig.for_model("qwen2", vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                  use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    examples = make_examples(sizes=(12, 3, 9))
+    with torch.no_grad():
+        ref_logits, _ = flat_reference(model, examples)
+        use_varlen_sdpa(model)
+        batch = PackedCollator(0, VARLEN_SDPA)(packed_features(examples, [[0, 1, 2]]))
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       cu_seq_lens_q=batch["cu_seq_lens_q"]).logits[0]
+    assert (logits - ref_logits).abs().max().item() <= 1e-5
