@@ -80,6 +80,10 @@ def cmd_train(argv: list[str]) -> int | None:
     settings = launch_settings(config)
     if settings is not None:
         return relaunch(settings, argv)
+    if config.training.use_cpu and config.training.release_host_memory:
+        from lmforge.train.host_memory import release_freed_memory
+
+        release_freed_memory()
     try:
         if config.finetuning.stage in ("rm", "dpo", "kto"):
             from lmforge.train.preference import run_preference

@@ -395,6 +395,12 @@ class TrainingArguments(transformers.TrainingArguments):
         "instead of keeping all three: identical numbers, about a sixth less activation memory. "
         "Off with use_liger_kernel (Liger replaces the MLP).",
     )
+    release_host_memory: bool = _opt(
+        False,
+        "Training on CPU (glibc): give every freed tensor of 1 MB or more back to the OS at once. Peak "
+        "memory falls by about 40% (no heap fragmentation), but each step is about 1.6x slower, as its "
+        "activations are page-faulted in afresh.",
+    )
     train_sampling_strategy: str = _opt(
         "group_by_length",
         "Training sampler: group_by_length (default; batches of similar length, little padding), random, "

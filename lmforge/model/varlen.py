@@ -32,21 +32,23 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         # not a packed training batch (generation with a cache, or an unpacked batch): plain sdpa
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    bounds = bounds.tolist()
+    lengths = bounds.diff().tolist()
     window = getattr(module, "sliding_window", None)
+    gqa = query.shape[1] != key.shape[1]
+    dropout = dropout if module.training else 0.0
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        length = end - start
-        mask = None
-        if window and length > window:  # the layer's sliding window bites inside this example
-            pos = torch.arange(length, device=query.device)
+    # split, not slicing: its backward is one concatenation, where each slice's backward would write
+    # into its own full-size zero tensor
+    for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
+        n, mask = q.shape[2], None
+        if window and n > window:  # the layer's sliding window bites inside this example
+            pos = torch.arange(n, device=q.device)
             offset = pos[:, None] - pos[None, :]
-            mask = ((offset >= 0) & (offset < window))[None, None]  # (1, 1, n, n) bool
-        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
-                                        value[:, :, start:end], mask, dropout=dropout, scaling=scaling,
-                                        is_causal=mask is None)
-        outputs.append(out)  # (1, n, H, D)
-    return torch.cat(outputs, dim=1), None
+            mask = (offset >= 0) & (offset < window)  # (n, n) bool
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and n > 1, scale=scaling,
+            enable_gqa=gqa))  # (1, H, n, D)
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
 def use_varlen_sdpa(model: torch.nn.Module) -> str:
