@@ -35,11 +35,8 @@ class SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        grad_up = grad * silu if ctx.needs_input_grad[1] else None
-        # d silu / d gate = sig * (1 + gate * (1 - sig)) = sig + silu * (1 - sig)
-        grad_gate = grad * up * (sig + silu * (1 - sig)) if ctx.needs_input_grad[0] else None
+        grad_up = grad * nn.functional.silu(gate) if ctx.needs_input_grad[1] else None
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
         return grad_gate, grad_up
 
 

@@ -52,9 +52,12 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
 
 
 def use_varlen_sdpa(model: torch.nn.Module) -> str:
-    """Switch `model` (or the base model under an adapter) from sdpa to `VARLEN_SDPA`; returns the name."""
+    """Switch `model` (or the base model under an adapter) from sdpa to `VARLEN_SDPA` and return that name,
+    or return "sdpa" (packed rows then get the block-diagonal mask) for a model whose attention does not go
+    through transformers' AttentionInterface: transformers only warns and keeps sdpa there, and a flattened
+    row without a mask would let its examples see each other."""
     if VARLEN_SDPA not in AttentionInterface._global_mapping:
         AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.set_attn_implementation(VARLEN_SDPA)
-    return VARLEN_SDPA
+    return VARLEN_SDPA if base.config._attn_implementation == VARLEN_SDPA else "sdpa"

@@ -111,7 +111,9 @@ def build_trainer(config: TrainConfig, tokenizer: Any, data: Any, model: Any, fi
     attention = config.model.attn_implementation
     if packed and attention == "sdpa":
         attention = use_varlen_sdpa(model)
-        logger.info("attention: packed examples run as separate causal sdpa calls (no cross-example scores)")
+        logger.info("attention: %s", "packed examples run as separate causal sdpa calls (no cross-example scores)"
+                    if attention != "sdpa" else "packed rows with a block-diagonal mask (this model's attention "
+                    "cannot be swapped for variable-length sdpa)")
     collator = (PackedCollator(tokenizer.pad_token_id, attention) if packed
                 else PaddingCollator(tokenizer.pad_token_id, causal_mask_only=True))
     args.remove_unused_columns = False  # the collators take what they need (`lengths` included)

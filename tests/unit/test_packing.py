@@ -187,3 +187,13 @@ def test_varlen_sdpa_keeps_a_sliding_window_inside_an_example():
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                        cu_seq_lens_q=batch["cu_seq_lens_q"]).logits[0]
     assert (logits - ref_logits).abs().max().item() <= 1e-5
+
+
+def test_varlen_falls_back_to_the_block_mask_where_attention_cannot_be_swapped(monkeypatch):
+    """transformers only warns for such a model; a flattened row without a mask would mix its examples."""
+    from lmforge.model.varlen import use_varlen_sdpa
+
+    model = tiny("llama", "sdpa")
+    monkeypatch.setattr(type(model), "_can_set_attn_implementation", classmethod(lambda cls: False))
+    assert use_varlen_sdpa(model) == "sdpa"
+    assert model.config._attn_implementation == "sdpa"
