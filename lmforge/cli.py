@@ -284,7 +284,10 @@ def drop_launcher_rank(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    faulthandler.enable()  # a native crash (abort, segfault) still prints every thread's Python stack
+    try:
+        faulthandler.enable()  # a native crash (abort, segfault) still prints every thread's Python stack
+    except (OSError, ValueError, AttributeError):  # stderr with no file descriptor (captured, replaced)
+        pass
     argv = drop_launcher_rank(sys.argv[1:] if argv is None else list(argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
