@@ -111,8 +111,8 @@ class PackedCollator:
     flash_attention_2: all rows flattened into one (1, N) row with per-example position_ids, which
     transformers turns into variable-length (cu_seqlens) attention. VARLEN_SDPA (what `train` uses for
     sdpa): the same flattened row plus the boundaries `cu_seq_lens_q`, one causal sdpa call per example
-    (lmforge/model/varlen.py). sdpa: a boolean block-diagonal causal mask. eager: the same mask as additive floats (eager adds the mask to the scores, so a
-    boolean one would be wrong).
+    (lmforge/model/varlen.py). sdpa: a boolean block-diagonal causal mask. eager: the same mask as
+    additive floats (eager adds the mask to the scores, so a boolean one would be wrong).
     """
 
     pad_token_id: int

@@ -1,11 +1,6 @@
-"""Host-memory settings of glibc's malloc for training on CPU.
+"""`release_host_memory`: give freed tensors back to the OS at once when training on CPU (glibc).
 
-One arena: glibc gives each thread that allocates its own heap arena (up to 8 per core), and memory
-freed in one arena is not reused by another, so the intra-op threads of a training step each hold
-their own high-water mark. One arena (M_ARENA_MAX 1, always on for CPU training) measured 9.7 GB ->
-8.3 GB peak RSS at the same speed (LoRA SFT of SmolLM2-135M, 4 x 1024 tokens, bench/RESULTS.md).
-
-Release at once (`release_host_memory: true`): glibc serves a large allocation with mmap and returns it to the OS on free, but after the first such
+glibc serves a large allocation with mmap and returns it to the OS on free, but after the first such
 free it raises its mmap threshold to that size (up to 32 MB), so the next activations of a training
 step come from the heap instead. Freed heap memory is kept by the process, and as batch shapes
 change from step to step it fragments: peak resident memory grows far past what is ever live.
@@ -14,7 +9,9 @@ more in its own mapping, released when the tensor is freed. Measured on LoRA SFT
 (4 x 1024 tokens, bench/RESULTS.md): peak RSS 9.7 GB -> 5.6 GB, but each step took 1.6x as long:
 every step's activations are page-faulted in afresh. Hence an option, not the default.
 
-MALLOC_ARENA_MAX / MALLOC_MMAP_THRESHOLD_ set in the environment are the user's choice and left alone.
+A MALLOC_MMAP_THRESHOLD_ set in the environment is the user's choice and is left alone.
+(MALLOC_ARENA_MAX=1 in the environment gave 8.3 GB once; the same limit set by mallopt at start did
+nothing, so lmforge does not set it.)
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ import logging
 import os
 import sys
 
-M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameter numbers
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 THRESHOLD = 1 << 20
 
 logger = logging.getLogger(__name__)
@@ -39,11 +36,6 @@ def _mallopt(param: int, value: int, env: str) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(param, value) == 1
-
-
-def single_arena() -> bool:
-    """Serve every thread's allocations from one arena; False where that is not glibc or the user chose."""
-    return _mallopt(M_ARENA_MAX, 1, "MALLOC_ARENA_MAX")
 
 
 def release_freed_memory(threshold: int = THRESHOLD) -> bool:

@@ -32,26 +32,3 @@ def test_freed_activations_return_to_the_os():
     # default glibc keeps the 99 freed blocks under the one still alive (~200 MB); fixed threshold: one block
     assert held["default"] > 150 and held["release"] < 20, held
 
-
-ARENAS = """
-import ctypes, sys, threading
-from lmforge.train.host_memory import single_arena
-if sys.argv[1] == "single":
-    assert single_arena()
-held = []
-def work():
-    held.extend(bytearray(1 << 16) for _ in range(50))
-threads = [threading.Thread(target=work) for _ in range(4)]
-for t in threads: t.start()
-for t in threads: t.join()
-ctypes.CDLL("libc.so.6").malloc_stats()  # one "Arena N:" block per arena, on stderr
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_threads_share_one_arena():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    arenas = {mode: subprocess.run([sys.executable, "-c", ARENAS, mode], capture_output=True, text=True, check=True,
-                                   env=env).stderr.count("Arena ")
-              for mode in ("default", "single")}
-    assert arenas["default"] > 1 and arenas["single"] == 1, arenas
