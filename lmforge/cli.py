@@ -118,7 +118,7 @@ def exit_rank(code: int) -> None:
     gloo's worker threads can still hold work objects with tensors after destroy_process_group (other
     references keep the group alive); freeing them while the interpreter is torn down aborts the process
     ("terminate called without an active exception", exit -6): a finished rank then fails the whole run,
-    or its launcher's exit barrier times out. Seen on about 1 run in 10 under CPU load. atexit handlers
+    or its launcher's exit barrier times out (1 two-node run in 8 under CPU load). atexit handlers
     (logging, trackers) still run first, with output flushed.
     """
     import atexit
