@@ -123,14 +123,15 @@ class PackedCollator:
         real = sum(sum(parts) for parts in lengths)
         if self.attn_implementation.startswith("flash") or self.attn_implementation == VARLEN_SDPA:
             flat = [[t for f in features for t in f["input_ids"]]]
+            examples = [n for parts in lengths for n in parts]
             batch = {
                 "input_ids": _pad(flat, real, self.pad_token_id),  # (1, N)
                 "labels": _pad([[t for f in features for t in f["labels"]]], real, IGNORE_INDEX),
-                "position_ids": position_ids_for([[n for parts in lengths for n in parts]], real),
+                "position_ids": position_ids_for([examples], real),
                 "num_real_tokens": real, "num_positions": real, "num_rows": len(features),
             }
             if self.attn_implementation == VARLEN_SDPA:
-                ends = torch.tensor([n for parts in lengths for n in parts], dtype=torch.long).cumsum(0)
+                ends = torch.tensor(examples, dtype=torch.long).cumsum(0)
                 batch["cu_seq_lens_q"] = torch.cat([torch.zeros(1, dtype=torch.long), ends])  # example boundaries
             return batch
         width = max(len(f["input_ids"]) for f in features)

@@ -27,20 +27,16 @@ THRESHOLD = 1 << 20
 logger = logging.getLogger(__name__)
 
 
-def _mallopt(param: int, value: int, env: str) -> bool:
-    if not sys.platform.startswith("linux") or env in os.environ:
+def release_freed_memory(threshold: int = THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold for this process; False where that is not glibc or the user chose."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(param, value) == 1
-
-
-def release_freed_memory(threshold: int = THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold for this process; False where that is not glibc or the user chose."""
-    done = _mallopt(M_MMAP_THRESHOLD, threshold, "MALLOC_MMAP_THRESHOLD_")
+    done = mallopt(M_MMAP_THRESHOLD, threshold) == 1
     if done:
         logger.info("release_host_memory: tensors of %d MB or more go back to the OS when freed", threshold >> 20)
     return done
