@@ -93,11 +93,21 @@ def capture_head_input(head: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         handle.remove()
 
 
+# Model types whose forward computes logits as plain `lm_head(hidden)` (checked in transformers' modeling
+# files). Others may post-process them (Granite divides by logits_scaling, Cohere multiplies by logit_scale,
+# Gemma 2/3 soft-cap), which the chunked loss would silently skip.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+                                    "gemma", "phi3", "olmo2", "smollm3"})
+
+
 def chunkable_head(model: nn.Module) -> nn.Linear | None:
-    """The plain linear output head of a causal LM, or None when the model post-processes logits."""
+    """The plain linear output head of a causal LM whose loss is plain cross-entropy of `lm_head(h)`, or None
+    (the model computes its own loss) for any other model type or when its loss adds a MoE router loss."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
-    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    if getattr(config, "output_router_logits", False):  # the model's loss adds the router's auxiliary loss
         return None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     return head if type(head) is nn.Linear else None

@@ -49,7 +49,52 @@ def test_frozen_head_gets_no_gradient_and_head_sees_nothing():
 def test_only_plain_linear_heads_are_chunked(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
+    from peft import LoraConfig, get_peft_model
+
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     assert chunkable_head(model) is model.lm_head
-    model.config.final_logit_softcapping = 30.0
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert chunkable_head(peft_model) is model.lm_head  # the base's head under an adapter
+
+
+def _tiny_causal_lm(arch: str, **extra):
+    """A 2-layer, hidden-32 random causal LM of `arch` with a 128-token vocabulary, built in code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(arch, vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                  tie_word_embeddings=False, **extra)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+
+
+def test_llama_chunked_loss_equals_model_loss():
+    model = _tiny_causal_lm("llama")
+    head = chunkable_head(model)
+    assert head is model.lm_head
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    expected = model(input_ids=ids, labels=labels).loss
+    with capture_head_input(head) as captured:
+        model(input_ids=ids)
+    assert linear_cross_entropy(captured["hidden"], head, labels).item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("arch, extra", [
+    ("granite", {"logits_scaling": 8.0}),
+    ("granitemoe", {"logits_scaling": 8.0, "num_local_experts": 2, "num_experts_per_tok": 1}),
+    ("cohere", {"logit_scale": 0.5}),
+    ("gemma2", {"final_logit_softcapping": 5.0, "head_dim": 8}),
+])
+def test_heads_whose_logits_are_post_processed_are_not_chunked(arch, extra):
+    # the chunked loss computes plain hidden @ W^T; these models scale or cap the head's output
+    assert chunkable_head(_tiny_causal_lm(arch, **extra)) is None
+
+
+def test_moe_router_loss_keeps_the_models_own_loss():
+    # with output_router_logits the model's loss adds the router's auxiliary loss, which the chunked one lacks
+    model = _tiny_causal_lm("mixtral", num_local_experts=2, num_experts_per_tok=1)
+    assert chunkable_head(model) is model.lm_head
+    model.config.output_router_logits = True
     assert chunkable_head(model) is None
