@@ -33,7 +33,8 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     lengths = bounds.diff().tolist()
-    window = getattr(module, "sliding_window", None)
+    # Mistral and Mixtral pass the window as an argument (None: no window); others may set it on the module only
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
     gqa = query.shape[1] != key.shape[1]
     dropout = dropout if module.training else 0.0
     outputs = []

@@ -168,15 +168,20 @@ def test_varlen_sdpa_equals_one_by_one_logits_loss_and_gradients(arch):
     assert (single - ref_logits[:7]).abs().max().item() <= 1e-5
 
 
-def test_varlen_sdpa_keeps_a_sliding_window_inside_an_example():
+@pytest.mark.parametrize("arch, window", [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0}),  # set on the module
+    ("mistral", {"sliding_window": 4}),  # Mistral and Mixtral pass it to the attention function
+    ("mixtral", {"sliding_window": 4}),
+])
+def test_varlen_sdpa_keeps_a_sliding_window_inside_an_example(arch, window):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lmforge.data.collator import VARLEN_SDPA
     from lmforge.model.varlen import use_varlen_sdpa
 
-    config = AutoConfig.for_model("qwen2", vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = AutoConfig.for_model(arch, vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                  use_sliding_window=True, sliding_window=4, max_window_layers=0)
+                                  **window)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
     examples = make_examples(sizes=(12, 3, 9))
