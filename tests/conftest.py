@@ -105,3 +105,25 @@ def tiny_llama64_dir(smol_tokenizer_dir: Path, tmp_path_factory: pytest.TempPath
 @pytest.fixture()
 def data_dir() -> Path:
     return ROOT / "data"
+
+
+@pytest.fixture(scope="session")
+def assert_moved(tiny_llama_dir: Path):
+    """A check that a run's saved weights moved from tiny_llama_dir's: every tensor of a full model, or every
+    LoRA B matrix (which starts at zero), by more than 1e-6, and the largest by more than 5e-4, fifty times
+    the 1e-5 to which the distributed tests compare two runs, so that their equality means something."""
+    from safetensors.torch import load_file
+
+    start = load_file(tiny_llama_dir / "model.safetensors")
+
+    def check(trained: dict[str, torch.Tensor]) -> None:
+        lora_b = {k: v for k, v in trained.items() if "lora_B" in k}
+        if lora_b:
+            moved = {k: v.abs().max().item() for k, v in lora_b.items()}
+        else:
+            assert sorted(trained) == sorted(start)
+            moved = {k: (v - start[k]).abs().max().item() for k, v in trained.items()}
+        assert min(moved.values()) > 1e-6, min(moved.items(), key=lambda kv: kv[1])
+        assert max(moved.values()) > 5e-4, max(moved.values())
+
+    return check

@@ -28,7 +28,7 @@ def single(tiny_llama_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("config, method", [("ds_z2_config.json", "full"), ("ds_z3_config.json", "full"),
                                             ("ds_z3_config.json", "lora")])
-def test_zero_two_processes_equal_one_process(tiny_llama_dir, tmp_path, single, config, method):
+def test_zero_two_processes_equal_one_process(tiny_llama_dir, tmp_path, single, assert_moved, config, method):
     out = tmp_path / "ds"
     proc = run(distributed(train_command(tiny_llama_dir, out, method, "--per_device_train_batch_size", "2",
                                          "--deepspeed", str(DS / config))))
@@ -37,9 +37,10 @@ def test_zero_two_processes_equal_one_process(tiny_llama_dir, tmp_path, single, 
     diff = max_diff(single(method), weights(out))  # also: the tied lm_head is not saved twice
     print(f"ZeRO-{stage} {method}: max |weight difference| 2x2 vs 1x4 = {diff:.2e}")
     assert diff <= 1e-5
+    assert_moved(weights(out))
 
 
-def test_zero2_optimizer_offload_equals_one_process_adamw(tiny_llama_dir, tmp_path, single):
+def test_zero2_optimizer_offload_equals_one_process_adamw(tiny_llama_dir, tmp_path, single, assert_moved):
     out = tmp_path / "offload"
     proc = run(distributed(train_command(tiny_llama_dir, out, "full", "--per_device_train_batch_size", "2",
                                          "--deepspeed", str(DS / "ds_z2_offload_config.json"),
@@ -48,9 +49,10 @@ def test_zero2_optimizer_offload_equals_one_process_adamw(tiny_llama_dir, tmp_pa
     diff = max_diff(single("full", "adamw_torch", "1e-3"), weights(out))
     print(f"ZeRO-2 offload: max |weight difference| = {diff:.2e}")
     assert diff <= 1e-5
+    assert_moved(weights(out))
 
 
-def test_deepspeed_launcher_runs_lmforge_as_a_module(tiny_llama_dir, tmp_path, single):
+def test_deepspeed_launcher_runs_lmforge_as_a_module(tiny_llama_dir, tmp_path, single, assert_moved):
     """`deepspeed --module lmforge train ...` (its launcher adds --local_rank=N, which lmforge ignores)."""
     out = tmp_path / "launcher"
     cmd = train_command(tiny_llama_dir, out, "full", "--per_device_train_batch_size", "2",
@@ -58,6 +60,7 @@ def test_deepspeed_launcher_runs_lmforge_as_a_module(tiny_llama_dir, tmp_path, s
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     run([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "--module", *cmd[2:]])
     assert max_diff(single("full"), weights(out)) <= 1e-5
+    assert_moved(weights(out))
 
 
 def test_offload_with_a_non_adam_optimizer_is_refused(tiny_llama_dir, tmp_path, capsys):

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_ddp_two_processes_equal_one_process(tiny_llama_dir, tmp_path, method):
+def test_ddp_two_processes_equal_one_process(tiny_llama_dir, tmp_path, assert_moved, method):
     single = tmp_path / "single"
     run(train_command(tiny_llama_dir, single, method, "--per_device_train_batch_size", "4"))
     ddp = tmp_path / "ddp"
@@ -21,10 +21,11 @@ def test_ddp_two_processes_equal_one_process(tiny_llama_dir, tmp_path, method):
     diff = max_diff(weights(single), weights(ddp))
     print(f"{method}: max |weight difference| DDP 2x2 vs 1x4 = {diff:.2e}")
     assert diff <= 1e-5
+    assert_moved(weights(ddp))
     assert (ddp / "trainer_log.jsonl").read_text().count('"step": 1,') == 1  # only rank 0 logs
 
 
-def test_two_node_groups_on_localhost_equal_one_process(tiny_llama_dir, tmp_path):
+def test_two_node_groups_on_localhost_equal_one_process(tiny_llama_dir, tmp_path, assert_moved):
     single = tmp_path / "single"
     run(train_command(tiny_llama_dir, single, "full", "--per_device_train_batch_size", "4"))
     out, port = tmp_path / "nodes", str(free_port())
@@ -39,3 +40,4 @@ def test_two_node_groups_on_localhost_equal_one_process(tiny_llama_dir, tmp_path
     diff = max_diff(weights(single), weights(out))
     print(f"two nodes: max |weight difference| = {diff:.2e}")
     assert diff <= 1e-5
+    assert_moved(weights(out))

@@ -14,7 +14,7 @@ FSDP = ["--fsdp", "true", "--fsdp_config", json.dumps({"version": 2, "auto_wrap_
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_fsdp2_two_processes_equal_one_process(tiny_llama_dir, tmp_path, method):
+def test_fsdp2_two_processes_equal_one_process(tiny_llama_dir, tmp_path, assert_moved, method):
     single = tmp_path / "single"
     run(train_command(tiny_llama_dir, single, method, "--per_device_train_batch_size", "4", "--val_size", "4"))
     out = tmp_path / "fsdp"
@@ -27,12 +27,13 @@ def test_fsdp2_two_processes_equal_one_process(tiny_llama_dir, tmp_path, method)
     diff = max_diff(weights(single), weights(out))
     print(f"FSDP2 {method}: max |weight difference| 2x2 vs 1x4 = {diff:.2e}")
     assert diff <= 1e-5
+    assert_moved(weights(out))
     assert (out / "checkpoint-2" / "lmforge_checkpoint.json").is_file()  # a checkpoint saved under FSDP
     results = {k: json.loads((d / "all_results.json").read_text())["eval_loss"] for k, d in (("1", single), ("2", out))}
     assert results["1"] == pytest.approx(results["2"], abs=1e-5)  # eval ran on both ranks without a hang
 
 
-def test_accelerate_launch_runs_ddp(tiny_llama_dir, tmp_path):
+def test_accelerate_launch_runs_ddp(tiny_llama_dir, tmp_path, assert_moved):
     single = tmp_path / "single"
     run(train_command(tiny_llama_dir, single, "full", "--per_device_train_batch_size", "4"))
     out = tmp_path / "accelerate"
@@ -43,3 +44,4 @@ def test_accelerate_launch_runs_ddp(tiny_llama_dir, tmp_path):
                 "-m", *cmd[2:]])
     assert "engine: DDP on 2 processes (gloo)" in proc.stderr
     assert max_diff(weights(single), weights(out)) <= 1e-5
+    assert_moved(weights(out))
