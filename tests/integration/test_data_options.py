@@ -21,9 +21,14 @@ def test_mix_strategies(tiny_llama_dir):
     concat = build_datasets(DataArguments(**common), "sft", 0, tok)
     under = build_datasets(DataArguments(**common, mix_strategy="interleave_under"), "sft", 0, tok)
     over = build_datasets(DataArguments(**common, mix_strategy="interleave_over", interleave_probs="0.5,0.5"), "sft", 0, tok)
-    assert len(concat.train) == 40
-    assert len(under.train) < 40 < len(over.train)  # stops at the smaller set / oversamples it
     assert concat.summary.extra["rows_per_dataset"] == {"alpaca_demo": 30, "sharegpt_demo": 10}
+    rows = [tuple(ids) for ids in concat.train["input_ids"]]
+    assert len(rows) == len(set(rows)) == 40  # alpaca's 30 rows, then sharegpt's 10
+    alpaca, sharegpt = rows[:30], rows[30:]
+    # under: one row of each in turn, until sharegpt's 10 run out
+    assert [tuple(ids) for ids in under.train["input_ids"]] == [r for pair in zip(alpaca, sharegpt) for r in pair]
+    over_rows = [tuple(ids) for ids in over.train["input_ids"]]
+    assert set(over_rows) == set(rows) and len(over_rows) > 40  # every row, sharegpt's drawn again
 
 
 def test_workers_tokenize_exactly_like_one_process(tiny_llama_dir):

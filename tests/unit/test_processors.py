@@ -3,7 +3,7 @@
 import pytest
 
 from lmforge.data.processors import (DROPPED, IGNORE_INDEX, KEPT, TRUNCATED, MaskPolicy, encode_pt_batch,
-                                     encode_sft_batch)
+                                     encode_pt_documents, encode_sft_batch)
 from lmforge.data.templates import get_template
 
 TURNS = [
@@ -12,6 +12,10 @@ TURNS = [
     {"role": "user", "content": "What is 2+2?"},
     {"role": "assistant", "content": "2+2 is 4."},
 ]
+# smollm2's literal text for TURNS: its default system prompt, the first question, the generation prompt
+SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+FIRST_PROMPT = "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+FIRST_REPLY = "Hello! How can I help?<|im_end|>"
 
 
 def encode(tokenizer, system, turns, cutoff=1024, **policy):
@@ -36,12 +40,12 @@ def ids(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.parametrize("system", ["", "You are terse."])
-def test_single_turn_trains_exactly_the_reply_and_end_token(smol_tokenizer, system):
+@pytest.mark.parametrize("system, head", [("", SMOL_SYSTEM),
+                                          ("You are terse.", "<|im_start|>system\nYou are terse.<|im_end|>\n")])
+def test_single_turn_trains_exactly_the_reply_and_end_token(smol_tokenizer, system, head):
     input_ids, labels, status = encode(smol_tokenizer, system, TURNS[:2])
-    template = get_template("smollm2", smol_tokenizer)
-    prompt = ids(smol_tokenizer, template.render_prompt(system, TURNS[:1]))
-    reply = ids(smol_tokenizer, "Hello! How can I help?<|im_end|>")
+    prompt = ids(smol_tokenizer, head + FIRST_PROMPT)
+    reply = ids(smol_tokenizer, FIRST_REPLY)
     assert status == KEPT
     assert input_ids == prompt + reply + ids(smol_tokenizer, "\n")
     assert labels == [IGNORE_INDEX] * len(prompt) + reply + [IGNORE_INDEX]
@@ -64,20 +68,24 @@ def test_train_on_prompt_trains_everything(smol_tokenizer):
 
 
 def test_cutoff_keeps_whole_turns(smol_tokenizer):
-    full_ids, _, _ = encode(smol_tokenizer, "", TURNS)
-    first_turn_ids, first_labels, _ = encode(smol_tokenizer, "", TURNS[:2])
-    input_ids, labels, status = encode(smol_tokenizer, "", TURNS, cutoff=len(full_ids) - 1)
+    first_turn = SMOL_SYSTEM + FIRST_PROMPT + FIRST_REPLY + "\n"
+    second_turn = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n2+2 is 4.<|im_end|>\n"
+    cutoff = len(ids(smol_tokenizer, first_turn + second_turn)) - 1
+    input_ids, labels, status = encode(smol_tokenizer, "", TURNS, cutoff=cutoff)
+    prompt, reply = ids(smol_tokenizer, SMOL_SYSTEM + FIRST_PROMPT), ids(smol_tokenizer, FIRST_REPLY)
     assert status == TRUNCATED
-    assert input_ids == first_turn_ids and labels == first_labels
-    assert trained_runs(smol_tokenizer, labels) == ["Hello! How can I help?<|im_end|>"]
+    assert input_ids == ids(smol_tokenizer, first_turn)
+    assert labels == [IGNORE_INDEX] * len(prompt) + reply + [IGNORE_INDEX]
 
 
 def test_cutoff_inside_first_reply_cuts_the_reply_not_the_prompt(smol_tokenizer):
-    prompt_len = len(ids(smol_tokenizer, get_template("smollm2", smol_tokenizer).render_prompt("", TURNS[:1])))
-    input_ids, labels, status = encode(smol_tokenizer, "", TURNS, cutoff=prompt_len + 2)
-    assert status == TRUNCATED and len(input_ids) == prompt_len + 2
-    assert trained_runs(smol_tokenizer, labels) == [smol_tokenizer.decode(input_ids[prompt_len:])]
-    assert "<|im_end|>" not in trained_runs(smol_tokenizer, labels)[0]
+    prompt = ids(smol_tokenizer, SMOL_SYSTEM + FIRST_PROMPT)
+    input_ids, labels, status = encode(smol_tokenizer, "", TURNS, cutoff=len(prompt) + 2)
+    reply_start = ids(smol_tokenizer, FIRST_REPLY)[:2]  # "Hello", "!": the end token is cut off
+    assert status == TRUNCATED
+    assert input_ids == prompt + reply_start
+    assert labels == [IGNORE_INDEX] * len(prompt) + reply_start
+    assert trained_runs(smol_tokenizer, labels) == ["Hello!"]
 
 
 def test_prompt_longer_than_cutoff_drops_the_example(smol_tokenizer):
@@ -85,14 +93,24 @@ def test_prompt_longer_than_cutoff_drops_the_example(smol_tokenizer):
 
 
 def test_pt_blocks_have_bos_and_eos_around_each_document(smol_tokenizer):
+    """BOS (1) doc EOS (2) per document, concatenated; the last 6 of 22 tokens do not fill a block."""
     docs = ["The bond market moved.", "Rates rose again today, and the yield curve flattened further."]
-    bos, eos = smol_tokenizer.bos_token_id, smol_tokenizer.eos_token_id
-    stream = [t for d in docs for t in [bos, *ids(smol_tokenizer, d), eos]]
+    assert ids(smol_tokenizer, docs[0]) == [504, 4436, 2342, 4935, 30]
+    assert ids(smol_tokenizer, docs[1]) == [66, 660, 8739, 1163, 1834, 28, 284, 260, 5450, 8750, 30591, 2030, 30]
     out = encode_pt_batch({"_text": docs}, smol_tokenizer, block_size=8)
-    n_blocks = len(stream) // 8
-    assert out["input_ids"] == [stream[i * 8:(i + 1) * 8] for i in range(n_blocks)]
+    assert out["input_ids"] == [[1, 504, 4436, 2342, 4935, 30, 2, 1], [66, 660, 8739, 1163, 1834, 28, 284, 260]]
     assert out["labels"] == out["input_ids"]
-    assert out["input_ids"][0][0] == bos
-    flat = [t for b in out["input_ids"] for t in b]
-    first_eos = len(ids(smol_tokenizer, docs[0])) + 1
-    assert flat[first_eos] == eos and flat[first_eos + 1] == bos
+    assert out["attention_mask"] == [[1] * 8, [1] * 8]
+    assert (out["_status"], out["_loss_tokens"]) == ([KEPT, KEPT], [8, 8])
+
+
+def test_pt_documents_for_packing_are_split_never_joined(smol_tokenizer):
+    """With packing each document (BOS doc EOS) is cut into pieces of at most block_size; a 1-token tail is dropped."""
+    docs = ["The bond market moved.", "Rates rose again today, and the yield curve flattened further.", "Rates rose."]
+    out = encode_pt_documents({"_text": docs}, smol_tokenizer, block_size=8)
+    assert ids(smol_tokenizer, docs[2]) == [66, 660, 8739, 30]
+    assert out["input_ids"] == [[1, 504, 4436, 2342, 4935, 30, 2], [1, 66, 660, 8739, 1163, 1834, 28, 284],
+                                [260, 5450, 8750, 30591, 2030, 30, 2], [1, 66, 660, 8739, 30, 2]]
+    assert out["_loss_tokens"] == [7, 8, 7, 6]
+    short = encode_pt_documents({"_text": ["The bond market moved."]}, smol_tokenizer, block_size=6)
+    assert short["input_ids"] == [[1, 504, 4436, 2342, 4935, 30]]  # the lone EOS left over is not a piece

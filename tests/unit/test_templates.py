@@ -40,6 +40,73 @@ def test_catalogue_matches_the_models_own_template(request, name, tokenizer_fixt
     assert prompt == tokenizer.apply_chat_template(chat(system, turns[:-1]), tokenize=False, add_generation_prompt=True)
 
 
+CHATML_BODY = ("<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello! How can I help?<|im_end|>\n"
+               "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n2+2 is 4.<|im_end|>\n")
+CHATML_TERSE = "<|im_start|>system\nYou are terse.<|im_end|>\n"
+ALPACA_SYSTEM = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                 "request.\n\n")
+# Each catalogue template bound to SmolLM2's tokenizer (bos <|im_start|>, eos <|im_end|>), written out by hand:
+# name -> (text of ("You are terse.", TURNS), reply spans, generation prompt for ("", TURNS[:1]))
+LITERAL = {
+    "default": ("System: You are terse.\nHuman: Hi there\nAssistant:Hello! How can I help?<|im_end|>\n"
+                "Human: What is 2+2?\nAssistant:2+2 is 4.<|im_end|>\n", "<|im_end|>",
+                "Human: Hi there\nAssistant:"),
+    "alpaca": ("You are terse.### Instruction:\nHi there\n\n### Response:\nHello! How can I help?<|im_end|>\n\n"
+               "### Instruction:\nWhat is 2+2?\n\n### Response:\n2+2 is 4.<|im_end|>\n\n", "<|im_end|>",
+               ALPACA_SYSTEM + "### Instruction:\nHi there\n\n### Response:\n"),
+    "chatml": (CHATML_TERSE + CHATML_BODY, "<|im_end|>",
+               "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"),
+    "smollm2": (CHATML_TERSE + CHATML_BODY, "<|im_end|>",
+                "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+                "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"),
+    "qwen": (CHATML_TERSE + CHATML_BODY, "<|im_end|>",
+             "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+             "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"),
+    "llama3": ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
+               "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\nHello! How can I help?<|eot_id|>"
+               "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n2+2 is 4.<|eot_id|>", "<|eot_id|>",
+               "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "llama2": ("<s>[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nHi there [/INST] Hello! How can I help? </s>"
+               "<s>[INST] What is 2+2? [/INST] 2+2 is 4. </s>", " </s>", "<s>[INST] Hi there [/INST]"),
+    "mistral": ("<s>[INST] You are terse.\n\nHi there [/INST]Hello! How can I help?</s>[INST] What is 2+2? [/INST]"
+                "2+2 is 4.</s>", "</s>", "<s>[INST] Hi there [/INST]"),
+    "gemma": ("<bos><start_of_turn>user\nYou are terse.\n\nHi there<end_of_turn>\n<start_of_turn>model\n"
+              "Hello! How can I help?<end_of_turn>\n<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n"
+              "<start_of_turn>model\n2+2 is 4.<end_of_turn>\n", "<end_of_turn>",
+              "<bos><start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n"),
+    "baichuan2": ("You are terse.<reserved_106>Hi there<reserved_107>Hello! How can I help?<|im_end|>"
+                  "<reserved_106>What is 2+2?<reserved_107>2+2 is 4.<|im_end|>", "<|im_end|>",
+                  "<reserved_106>Hi there<reserved_107>"),
+    "empty": ("You are terse.Hi thereHello! How can I help?<|im_end|>What is 2+2?2+2 is 4.<|im_end|>", "<|im_end|>",
+              "Hi there"),
+}
+
+
+def test_every_catalogue_template_has_a_literal_expectation():
+    assert sorted(LITERAL) == sorted(load_catalogue())
+
+
+@pytest.mark.parametrize("name", list(LITERAL))
+def test_catalogue_renders_the_literal_text(smol_tokenizer, name):
+    """Text, reply spans (the reply plus its end marker) and generation prompt, for the template and its Jinja form."""
+    text, end, prompt = LITERAL[name]
+    template = get_template(name, smol_tokenizer)
+    rendered = template.render("You are terse.", TURNS)
+    assert rendered.text == text
+    pad = " " if name == "llama2" else ""
+    assert [text[t.response_start:t.response_end] for t in rendered.turns] == [
+        pad + "Hello! How can I help?" + end, pad + "2+2 is 4." + end]
+    assert template.render_prompt("", TURNS[:1]) == prompt
+    jinja = template.to_jinja()
+    conversation = chat("You are terse.", TURNS)
+    assert smol_tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=jinja) == text
+    assert smol_tokenizer.apply_chat_template(TURNS[:1], tokenize=False, add_generation_prompt=True,
+                                              chat_template=jinja) == prompt
+
+
 @pytest.mark.parametrize("system, turns", CASES[2:])
 def test_chatml_matches_when_a_system_prompt_is_given(smol_tokenizer, system, turns):
     rendered = get_template("chatml", smol_tokenizer).render(system, turns)
