@@ -38,6 +38,22 @@ def probe_logits(model: Any, tokenizer: Any) -> torch.Tensor:
     return model(input_ids=ids).logits.double()  # (1, T, V)
 
 
+def check_adapter_loaded(peft_model: Any, path: str) -> None:
+    """Refuse an adapter whose weights did not all load: peft only warns about keys that match no parameter
+    and leaves those LoRA weights at their initial values, so the merge check would compare the base with itself."""
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    loaded = get_peft_model_state_dict(peft_model)  # the saved file's key names
+    for key, value in load_peft_weights(path, device="cpu").items():
+        if key not in loaded or not torch.equal(loaded[key].to(value), value):
+            raise LmforgeError(f"{path}: adapter weight {key} matches no parameter of the base model (peft did not "
+                               "load it): the adapter is for another model; give its base as model_name_or_path")
+    lora_b = [p for name, p in peft_model.named_parameters() if ".lora_B." in name or ".lora_embedding_B." in name]
+    if lora_b and not any(p.any() for p in lora_b):
+        raise LmforgeError(f"{path}: all lora_B are zero, so merging changes nothing (an adapter trained 0 steps "
+                           "is legitimately zero): train it, or export the base without adapter_name_or_path")
+
+
 def merge_adapters(model: Any, tokenizer: Any, adapters: list[str], tolerance: float) -> tuple[Any, float]:
     """Merge every adapter in order; returns the merged model and max |logit difference| on the probe."""
     from peft import PeftModel
@@ -46,6 +62,7 @@ def merge_adapters(model: Any, tokenizer: Any, adapters: list[str], tolerance: f
     for path in adapters:
         adapter_base_model(path)  # a clear error when the folder is no adapter
         peft_model = PeftModel.from_pretrained(model, path)
+        check_adapter_loaded(peft_model, path)
         expected = probe_logits(peft_model, tokenizer)
         model = peft_model.merge_and_unload()
         diff = max(diff, (probe_logits(model, tokenizer) - expected).abs().max().item())

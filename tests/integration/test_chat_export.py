@@ -119,3 +119,19 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "base model, before training" in text and "lmforge chat --adapter_name_or_path" in text
     assert (tmp_path / "demo" / "training_loss.png").is_file()
+
+
+def test_export_refuses_an_adapter_whose_weights_do_not_load(adapter_dir, tmp_path, capsys):
+    """peft only warns about unmatched keys and leaves lora_B at zero: the base would be exported unchanged."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    wrong = Path(shutil.copytree(adapter_dir, tmp_path / "wrong"))
+    weights = load_file(wrong / "adapter_model.safetensors")
+    save_file({k.replace("layers", "blocks"): v for k, v in weights.items()}, wrong / "adapter_model.safetensors")
+    out = tmp_path / "merged"
+    assert main(["export", "--adapter_name_or_path", str(wrong), "--export_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{wrong}: adapter weight" in err and "blocks" in err and "matches no parameter" in err
+    assert not out.exists()
