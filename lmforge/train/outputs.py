@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import __version__
+from lmforge.errors import LmforgeError
+from lmforge.model.loader import resolve_model_path
 from lmforge.train.callbacks import read_log
 
 
@@ -74,12 +76,15 @@ def write_results(output_dir: str | Path, results: dict[str, Any]) -> Path:
 
 def write_model_card(output_dir: str | Path, *, base_model: str, stage: str, method: str, datasets: str,
                      hyperparameters: dict[str, Any], results: dict[str, Any], is_adapter: bool) -> Path:
-    """README.md with YAML front matter the Hub understands, then the run's facts."""
+    """README.md with YAML front matter the Hub understands, then the run's facts. The load snippet names
+    local directories: an alias or .gguf base as the de-quantized directory lmforge loaded it from."""
     library = "peft" if is_adapter else "transformers"
-    loader = ("from peft import AutoPeftModelForCausalLM\n"
-              f"model = AutoPeftModelForCausalLM.from_pretrained('{output_dir}')") if is_adapter else (
+    here = Path(output_dir).resolve()
+    loader = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
+              f"base = AutoModelForCausalLM.from_pretrained('{_local_base(base_model)}')\n"
+              f"model = PeftModel.from_pretrained(base, '{here}')") if is_adapter else (
               "from transformers import AutoModelForCausalLM\n"
-              f"model = AutoModelForCausalLM.from_pretrained('{output_dir}')")
+              f"model = AutoModelForCausalLM.from_pretrained('{here}')")
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items())
     result_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(results.items()))
     text = f"""---
@@ -102,14 +107,24 @@ Trained with lmforge {__version__}: stage `{stage}`, fine-tuning `{method}`, fro
 {result_rows}
 
 ## Use
+The paths below are local to this machine.
 ```python
 {loader}
 ```
-or `lmforge chat --model_name_or_path {base_model if is_adapter else output_dir}{f' --adapter_name_or_path {output_dir}' if is_adapter else ''}`.
+or `lmforge chat --model_name_or_path {base_model if is_adapter else here}{f' --adapter_name_or_path {here}' if is_adapter else ''}`.
 """
     path = Path(output_dir) / "README.md"
     path.write_text(text)
     return path
+
+
+def _local_base(name: str) -> str:
+    """The absolute local directory the base model loads from (aliases and .gguf files de-quantized), or
+    the name as given when it resolves to none (a model built from model_config alone)."""
+    try:
+        return str(Path(resolve_model_path(name)).resolve())
+    except LmforgeError:
+        return name
 
 
 def _fmt(value: Any) -> str:
