@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import difflib
-import faulthandler
-import logging
-import os
 import sys
 from typing import Callable
 
 from lmforge import __version__
 from lmforge.errors import LmforgeError
+from lmforge.launch import enable_faulthandler, exit_rank, left_process_group, setup_logging
 
 USAGE = f"""lmforge {__version__}: train causal language models from one YAML.
 
@@ -34,47 +32,14 @@ Values given on the command line override the YAML; the YAML is optional.
 """
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is now (tests and notebooks swap it)."""
-
-    @property
-    def stream(self):  # noqa: ANN201
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:  # noqa: ANN001
-        pass
-
-
-def _setup_logging() -> None:
-    root = logging.getLogger()
-    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
-        root.addHandler(handler)
-    root.setLevel(logging.WARNING)
-    logging.getLogger("lmforge").setLevel(logging.INFO)
-    # bitsandbytes says on import that an optional speed-up package is missing; 4-bit works without it
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import warnings
-
-    import transformers
-
-    warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator.*")
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*")
-
-    transformers.logging.set_verbosity_warning()
-
-
 def cmd_train(argv: list[str]) -> int | None:
     """Train a causal LM: stage pt (raw text), sft (conversations), rm (reward model), dpo (preference
     pairs), kto (labelled responses) or grpo (RL on prompts with rewards), full, freeze or LoRA (QLoRA
     with quantization_bit). With
     nproc_per_node / nnodes (or FORCE_TORCHRUN=1) it re-launches itself through torchrun."""
     from lmforge.config import parse_train_config
-    from lmforge.launch import launch_settings, relaunch
-    from lmforge.train.causal_lm import run_causal_lm
+    from lmforge.launch import launch_settings, leave_process_group, relaunch
+    from lmforge.train.recipe import run_stage
 
     config = parse_train_config(argv)
     settings = launch_settings(config)
@@ -85,48 +50,10 @@ def cmd_train(argv: list[str]) -> int | None:
 
         release_freed_memory()
     try:
-        if config.finetuning.stage in ("rm", "dpo", "kto"):
-            from lmforge.train.preference import run_preference
-
-            run_preference(config)
-        elif config.finetuning.stage in ("grpo", "ppo"):
-            from lmforge.train.rl import run_rl
-
-            run_rl(config)
-        else:
-            run_causal_lm(config)
+        run_stage(config)
     finally:
         leave_process_group()
     return None
-
-
-_LEFT_GROUP = []  # set when this process was one rank of a distributed run
-
-
-def leave_process_group() -> None:
-    """Tear the process group down while the interpreter is fully alive (see `exit_rank`)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-        _LEFT_GROUP.append(True)
-
-
-def exit_rank(code: int) -> None:
-    """End a distributed rank without interpreter finalization.
-
-    gloo's worker threads can still hold work objects with tensors after destroy_process_group (other
-    references keep the group alive); freeing them while the interpreter is torn down aborts the process
-    ("terminate called without an active exception", exit -6): a finished rank then fails the whole run,
-    or its launcher's exit barrier times out (1 two-node run in 8 under CPU load). atexit handlers
-    (logging, trackers) still run first, with output flushed.
-    """
-    import atexit
-
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def cmd_preprocess(argv: list[str]) -> None:
@@ -136,7 +63,7 @@ def cmd_preprocess(argv: list[str]) -> None:
 
     from lmforge.config import parse_train_config
     from lmforge.data.pipeline import build_datasets, save_prepared
-    from lmforge.train.causal_lm import prepare_tokenizer
+    from lmforge.train.recipe import prepare_tokenizer
 
     config = parse_train_config(argv)
     if not config.data.tokenized_path:
@@ -219,7 +146,7 @@ def cmd_data(argv: list[str]) -> None:
     config = TrainConfig(model, data, finetuning, training, launch, rl, explicit=dict(raw), config_path=config_path)
     tokenizer = load_tokenizer(model)
     original = tokenizer.chat_template
-    if finetuning.stage == "sft":
+    if finetuning.spec.template:
         get_template(data.template, tokenizer)  # an unknown template fails here, before any work
     run_data_check(config, doctor, tokenizer, original)
 
@@ -254,18 +181,26 @@ def cmd_version(argv: list[str]) -> None:
     print(__version__)
 
 
-COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
-    "train": cmd_train, "preprocess": cmd_preprocess, "chat": cmd_chat, "export": cmd_export, "score": cmd_score,
-    "demo": cmd_demo, "data": cmd_data,
-    "templates": cmd_templates, "models": cmd_models, "env": cmd_env, "version": cmd_version,
+def _groups(name: str) -> tuple[type, ...]:
+    from lmforge.config import parser
+
+    return getattr(parser, name)
+
+
+# command -> (function, name of its option groups in lmforge.config.parser, or None)
+COMMAND_TABLE: dict[str, tuple[Callable[[list[str]], int | None], str | None]] = {
+    "train": (cmd_train, "GROUPS"), "preprocess": (cmd_preprocess, "GROUPS"), "chat": (cmd_chat, "CHAT_GROUPS"),
+    "export": (cmd_export, "EXPORT_GROUPS"), "score": (cmd_score, "SCORE_GROUPS"), "demo": (cmd_demo, "GROUPS"),
+    "data": (cmd_data, "DOCTOR_GROUPS"), "templates": (cmd_templates, None), "models": (cmd_models, None),
+    "env": (cmd_env, None), "version": (cmd_version, None),
 }
+COMMANDS = {name: fn for name, (fn, _) in COMMAND_TABLE.items()}
 
 
 def command_groups(name: str) -> tuple[type, ...]:
-    from lmforge.config.parser import CHAT_GROUPS, DOCTOR_GROUPS, EXPORT_GROUPS, GROUPS, SCORE_GROUPS
-
-    return {"train": GROUPS, "preprocess": GROUPS, "demo": GROUPS, "chat": CHAT_GROUPS,
-            "export": EXPORT_GROUPS, "score": SCORE_GROUPS, "data": DOCTOR_GROUPS}.get(name, ())
+    """The option dataclasses a command reads (for --help)."""
+    groups = COMMAND_TABLE[name][1] if name in COMMAND_TABLE else None
+    return _groups(groups) if groups else ()
 
 
 def command_help(name: str) -> str:
@@ -284,10 +219,8 @@ def drop_launcher_rank(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        faulthandler.enable()  # a native crash (abort, segfault) still prints every thread's Python stack
-    except (OSError, ValueError, AttributeError):  # stderr with no file descriptor (captured, replaced)
-        pass
+    """Run one lmforge command; returns its exit code (2 for bad input, 128 + N when stopped by signal N)."""
+    enable_faulthandler()
     argv = drop_launcher_rank(sys.argv[1:] if argv is None else list(argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -301,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in rest or "--help" in rest:
         print(command_help(name))
         return 0
-    _setup_logging()
+    setup_logging()
     code = _run_command(name, rest)
-    if _LEFT_GROUP:
+    if left_process_group():
         exit_rank(code)
     return code
 

@@ -28,13 +28,13 @@ def _show(title: str, answers: dict[str, str]) -> None:
 
 
 def run_demo(config: TrainConfig) -> dict[str, Any]:
-    from lmforge.train.causal_lm import run_causal_lm
+    from lmforge.train.recipe import run_stage
 
     start = time.perf_counter()
     template = config.data.template
     before = ask(config.model, template, QUESTIONS)
     _show("base model, before training", before)
-    results = run_causal_lm(config)
+    results = run_stage(config)
     out = config.training.output_dir
     trained_args = copy.deepcopy(config.model)
     trained_args.adapter_name_or_path = out

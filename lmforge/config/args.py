@@ -14,8 +14,8 @@ from typing import Any, Literal
 import transformers
 
 from lmforge.errors import LmforgeError
+from lmforge.stages import STAGE_NAMES, Stage, get_stage, stage_help
 
-STAGES = ("pt", "sft")
 FINETUNING_TYPES = ("lora", "freeze", "full")
 MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
 
@@ -189,13 +189,7 @@ def reject_foreign_options(group: Any, key: str, owners: tuple[str, ...], names:
 class FinetuningArguments:
     """What is trained: the stage and which parameters learn."""
 
-    stage: Literal["pt", "sft", "rm", "dpo", "kto", "ppo", "grpo"] = _opt(
-        "sft",
-        "Training stage: pt (next-token on raw text), sft (chat data), rm (a reward model on chosen/rejected "
-        "pairs), dpo (preference optimisation on pairs; the loss is pref_loss), kto (one response per prompt "
-        "labelled good or bad), grpo (on-policy RL: completions sampled from the policy, scored by "
-        "reward_model and/or reward_funcs; ppo is accepted and runs grpo, see the README).",
-    )
+    stage: Literal[STAGE_NAMES] = _opt("sft", f"Training stage. {stage_help()}.")
     finetuning_type: Literal["lora", "freeze", "full"] = _opt(
         "lora", "Which weights learn: lora (adapters via peft), freeze (the last layers), full."
     )
@@ -243,10 +237,6 @@ class FinetuningArguments:
             raise LmforgeError(f"pref_beta must be > 0, got {self.pref_beta}")
         if self.pref_ftx < 0:
             raise LmforgeError(f"pref_ftx must be >= 0, got {self.pref_ftx}")
-        for owners, names in ((("dpo", "kto"), ("pref_beta", "precompute_ref_log_probs")),
-                              (("dpo",), ("pref_loss", "pref_ftx", "simpo_gamma")),
-                              (("kto",), ("kto_chosen_weight", "kto_rejected_weight"))):
-            reject_foreign_options(self, "stage", owners, names)
         if min(self.kto_chosen_weight, self.kto_rejected_weight) <= 0:
             raise LmforgeError("kto_chosen_weight and kto_rejected_weight must be > 0")
         self._reject_foreign_options("finetuning_type", "lora", ("lora_rank", "lora_alpha", "lora_dropout",
@@ -263,11 +253,15 @@ class FinetuningArguments:
         reject_foreign_options(self, key, (owner,), names)
 
     @property
+    def spec(self) -> Stage:
+        """The registry entry of `stage` (ppo: grpo's)."""
+        return get_stage(self.stage)
+
+    @property
     def effective_lora_alpha(self) -> int:
         return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
 
 
-RL_STAGES = ("grpo", "ppo")
 BUILTIN_REWARDS = ("exact_match", "format", "length")
 
 
@@ -381,7 +375,9 @@ class TrainingArguments(transformers.TrainingArguments):
     nan_policy: Literal["stop", "skip"] = _opt(
         "stop",
         "A non-finite loss or gradient: stop (default; says at which step and micro-batch, saves nothing new "
-        "and keeps the last good checkpoint) or skip (that batch or update is skipped and counted).",
+        "and keeps the last good checkpoint) or skip (that optimizer step's update is skipped on every process "
+        "and counted as skipped_steps in the log). Decided once for all processes. Under fp16, overflowing "
+        "gradients are left to the loss scaler (counted as overflow_steps).",
     )
     loss_chunking: Literal["auto", "on", "off"] = _opt(
         "auto",
@@ -423,6 +419,13 @@ class TrainingArguments(transformers.TrainingArguments):
             self.ddp_backend = "gloo"
         if isinstance(self.deepspeed, str):
             check_deepspeed_config(self.deepspeed, str(getattr(self.optim, "value", self.optim)))
+            if self.nan_policy == "skip":
+                # DeepSpeed steps its optimizer inside backward, before any check could skip the update
+                raise LmforgeError("nan_policy skip cannot work with deepspeed (it updates the weights inside "
+                                   "backward): set nan_policy: stop or train without deepspeed")
+        from lmforge.train.tracking import check_trackers
+
+        check_trackers(self.report_to)
         try:
             super().__post_init__()
         except ValueError as err:

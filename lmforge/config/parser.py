@@ -14,10 +14,11 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lmforge.config.args import (BUILTIN_REWARDS, RL_STAGES, DataArguments, DoctorArguments, ExportArguments,
+from lmforge.config.args import (BUILTIN_REWARDS, DataArguments, DoctorArguments, ExportArguments,
                                  FinetuningArguments, GenerationArguments, LaunchArguments, ModelArguments,
-                                 RLArguments, ScoreArguments, TrainingArguments, reject_foreign_options)
+                                 RLArguments, ScoreArguments, TrainingArguments)
 from lmforge.errors import LmforgeError
+from lmforge.stages import BOUND_OPTIONS, STAGES, owners_of
 
 GROUPS: tuple[type, ...] = (ModelArguments, DataArguments, FinetuningArguments, TrainingArguments, LaunchArguments,
                             RLArguments)
@@ -52,12 +53,28 @@ class TrainConfig:
             if self.training.fsdp or (ds is not None and ds.is_zero3()):
                 raise LmforgeError("quantization_bit is not supported with FSDP or DeepSpeed ZeRO-3 yet: "
                                    "use DDP (nproc_per_node) or ZeRO-2")
-        stage = self.finetuning.stage
-        if self.data.packing and stage not in ("pt", "sft"):
-            raise LmforgeError(f"packing applies to stage pt and sft, not {stage}: set packing: false")
-        reject_foreign_options(self.rl, "stage", RL_STAGES, tuple(init_fields(RLArguments)), value=stage)
-        if stage in RL_STAGES:
+        self._check_stage_options()
+        if "reward_model" in self.finetuning.spec.options:
             self._check_rewards()
+
+    def _check_stage_options(self) -> None:
+        """Refuse what the stage would not honour: another stage's options, packing, a sampler it overrides."""
+        stage, spec = self.finetuning.stage, self.finetuning.spec
+        if self.data.packing and not spec.packs:
+            packers = " and ".join(s for s in STAGES if STAGES[s].packs)
+            raise LmforgeError(f"packing applies to stage {packers}, not {stage}: set packing: false")
+        groups = (self.finetuning, self.rl)
+        for name in sorted(BOUND_OPTIONS - set(spec.options)):
+            group = next(g for g in groups if name in init_fields(type(g)))
+            if getattr(group, name) != field_default(init_fields(type(group))[name]):
+                owners = owners_of(name)
+                raise LmforgeError(f"{name} applies only to stage: {' or '.join(owners)}, but stage is {stage}: "
+                                   f"set stage: {owners[0]} or remove {name}")
+        sampler = self.training.train_sampling_strategy
+        if spec.samplers is not None and "train_sampling_strategy" in self.explicit and sampler not in spec.samplers:
+            honoured = f"only {', '.join(spec.samplers)}" if spec.samplers else "none: it orders the data itself"
+            raise LmforgeError(f"stage {stage} cannot use train_sampling_strategy {sampler} (it honours "
+                               f"{honoured}): remove train_sampling_strategy")
 
     def _check_rewards(self) -> None:
         rl = self.rl
@@ -86,7 +103,17 @@ class _Mismatch(Exception):
 
 
 def init_fields(cls: type) -> dict[str, dataclasses.Field]:
+    """The fields an option dataclass takes, by name."""
     return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """A field's default value (None when it has none)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 # transformers types these `str` but also takes a bool (`fsdp: true`, the settings in fsdp_config).
@@ -294,12 +321,7 @@ def format_help(groups: tuple[type, ...] = GROUPS, width: int = 100) -> str:
         lines.append(f"\n{cls.__name__}: {(cls.__doc__ or '').strip().splitlines()[0]}")
         types_ = field_types(cls)
         for name, f in init_fields(cls).items():
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                default = f.default_factory()
-            else:
-                default = None
+            default = field_default(f)
             default = default.value if isinstance(default, enum.Enum) else default
             help_text = " ".join(str(f.metadata.get("help", "")).split())
             lines.append(f"  --{name} {describe_type(types_[name])} (default: {default!r})")

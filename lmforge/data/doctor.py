@@ -16,6 +16,7 @@ from lmforge.data.pipeline import LoadReport, load_conversations
 from lmforge.data.processors import DROPPED, IGNORE_INDEX, TRUNCATED, MaskPolicy, encode_sft_batch
 from lmforge.data.templates import Renderer, get_template, template_mismatch
 from lmforge.errors import LmforgeError
+from lmforge.stages import STAGES
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
 
@@ -149,11 +150,12 @@ def run_data_check(config: Any, doctor: Any, tokenizer: Any, original_template: 
     out = Path(doctor.report_dir or (Path(config.training.output_dir) / "data_check"
                                      if "output_dir" in config.explicit else "data_check"))
     color = sys.stdout.isatty()
-    if config.finetuning.stage not in ("pt", "sft"):
-        raise LmforgeError(f"data check covers stage pt and sft; for {config.finetuning.stage} data run `lmforge "
+    if not config.finetuning.spec.doctor:
+        covered = " and ".join(s.name for s in STAGES.values() if s.doctor)
+        raise LmforgeError(f"data check covers stage {covered}; for {config.finetuning.stage} data run `lmforge "
                            "preprocess` with the same config: it validates every row (file:line errors) and reports "
                            "rows, drops by cutoff_len and tokens")
-    if config.finetuning.stage == "sft":
+    if config.finetuning.spec.template:
         report = check_sft(config.data, tokenizer, original_template, config.training.seed, doctor.show_examples,
                            out, color)
     else:

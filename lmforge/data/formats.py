@@ -209,6 +209,18 @@ def to_conversations(ds: datasets.Dataset, spec: DatasetSpec, stage: str, num_pr
                         placeholders, skip_invalid)
 
 
+def to_text(ds: datasets.Dataset, spec: DatasetSpec, num_proc: int | None = None,
+            placeholders: dict[str, str] | None = None, skip_invalid: bool = False) -> datasets.Dataset:
+    """pt rows -> `_text` (the registry's row converter for stage pt)."""
+    return to_conversations(ds, spec, "pt", num_proc, placeholders, skip_invalid)
+
+
+def to_chat(ds: datasets.Dataset, spec: DatasetSpec, num_proc: int | None = None,
+            placeholders: dict[str, str] | None = None, skip_invalid: bool = False) -> datasets.Dataset:
+    """sft rows -> `_system`, `_messages`, `_invalid` (the registry's row converter for stage sft)."""
+    return to_conversations(ds, spec, "sft", num_proc, placeholders, skip_invalid)
+
+
 def _to_text(ds: datasets.Dataset, spec: DatasetSpec, formatting: str, present: list[str], num_proc: int | None) -> datasets.Dataset:
     column = spec.columns.get("prompt", "text")
     if formatting != "text" and column not in present:

@@ -11,6 +11,7 @@ Accepted rows (LLaMA-Factory's `ranking: true` datasets and TRL's common format)
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import datasets
@@ -20,7 +21,7 @@ from lmforge.data.catalogue import DatasetSpec
 from lmforge.data.formats import (TURN_FEATURES, RowError, _text, alpaca_converter, convert_rows, detect_turn_format,
                                   fill_turns, require_columns, sharegpt_converter, split_system)
 from lmforge.data.processors import DROPPED, IGNORE_INDEX, KEPT, TRUNCATED, MaskPolicy, encode_conversation
-from lmforge.data.templates import Renderer
+from lmforge.data.templates import Renderer, bind_template
 
 PairConverter = Callable[[dict[str, Any]], tuple[str, list[dict[str, str]], str, str]]
 PAIR_FEATURES = {**TURN_FEATURES, "_chosen": datasets.Value("string"), "_rejected": datasets.Value("string")}
@@ -167,3 +168,8 @@ def encode_pairs_batch(batch: dict[str, list[Any]], tokenizer: Any, template: Re
         out["_status"].append(status)
         out["_loss_tokens"].append(len(chosen_ids) + len(rejected_ids))
     return out
+
+
+def pairs_encoder(args: Any, tokenizer: Any) -> Callable[[dict[str, list[Any]]], dict[str, list[Any]]]:
+    """The registry's batched tokenizer for these rows: `encode_pairs_batch` with the template and cutoff_len."""
+    return bind_template(partial(encode_pairs_batch, tokenizer=tokenizer), args, tokenizer)

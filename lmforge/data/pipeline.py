@@ -10,7 +10,6 @@ import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,23 +20,14 @@ from lmforge import __version__
 from lmforge.cache import cache_root
 from lmforge.config import DataArguments
 from lmforge.data.catalogue import DatasetSpec, resolve_datasets
-from lmforge.data.formats import map_rows, to_conversations
+from lmforge.data.formats import map_rows
 from lmforge.data.loader import load_raw
 from lmforge.data.packing import pack_dataset
-from lmforge.data.pairwise import encode_pairs_batch, to_pairs
-from lmforge.data.prompts import encode_prompts_batch, to_prompts
-from lmforge.data.processors import (DROPPED, TRUNCATED, MaskPolicy, encode_pt_batch, encode_pt_documents,
-                                     encode_sft_batch)
-from lmforge.data.templates import get_template
-from lmforge.data.unpaired import encode_unpaired_batch, to_unpaired
+from lmforge.data.processors import DROPPED, TRUNCATED
 from lmforge.errors import LmforgeError
+from lmforge.stages import get_stage
 
 logger = logging.getLogger(__name__)
-PAIRWISE_STAGES = ("rm", "dpo")  # chosen/rejected pairs
-PROMPT_STAGES = ("grpo", "ppo")  # prompts only: the policy writes the responses
-# stage -> (rows -> converted rows, converted rows -> token ids) for the stages with their own row shape
-ROW_SHAPES = {**{s: (to_pairs, encode_pairs_batch) for s in PAIRWISE_STAGES}, "kto": (to_unpaired, encode_unpaired_batch),
-              **{s: (to_prompts, encode_prompts_batch) for s in PROMPT_STAGES}}
 PROCESSING_VERSION = 3  # bump when tokenization output changes, to invalidate caches
 STAT_COLUMNS = ("_status", "_loss_tokens")
 
@@ -121,6 +111,7 @@ def load_conversations(names: str | None, args: DataArguments, stage: str, seed:
     if not specs:
         return None
     parts = []
+    convert = get_stage(stage).load("rows")
     placeholders = {"name": args.identity_name, "author": args.identity_author}
     for spec in specs:
         ds = load_raw(spec, streaming=args.streaming)
@@ -129,10 +120,7 @@ def load_conversations(names: str | None, args: DataArguments, stage: str, seed:
             ds = ds.take(min(limits)) if args.streaming else ds.select(range(min(min(limits), len(ds))))
         if not args.streaming:
             report.rows[spec.name] = len(ds)
-        if stage in ROW_SHAPES:
-            converted = ROW_SHAPES[stage][0](ds, spec, num_proc, placeholders, args.skip_invalid_examples)
-        else:
-            converted = to_conversations(ds, spec, stage, num_proc, placeholders, args.skip_invalid_examples)
+        converted = convert(ds, spec, num_proc, placeholders, args.skip_invalid_examples)
         parts.append(_drop_invalid(converted, report))
     if len(parts) == 1:
         return parts[0]
@@ -156,17 +144,9 @@ def _split(ds: datasets.Dataset, val_size: float, seed: int) -> tuple[datasets.D
 
 
 def _tokenize(ds: Any, tokenizer: Any, args: DataArguments, stage: str, num_proc: int | None) -> Any:
-    if stage == "pt":
-        encode = encode_pt_documents if args.packing else encode_pt_batch
-        fn = partial(encode, tokenizer=tokenizer, block_size=args.cutoff_len)
-    elif stage in ROW_SHAPES:
-        template = get_template(args.template, tokenizer)
-        fn = partial(ROW_SHAPES[stage][1], tokenizer=tokenizer, template=template, cutoff_len=args.cutoff_len)
-    else:
-        template = get_template(args.template, tokenizer)
-        policy = MaskPolicy(args.cutoff_len, args.train_on_prompt, args.mask_history)
-        fn = partial(encode_sft_batch, tokenizer=tokenizer, template=template, policy=policy)
-    columns = [] if stage in PROMPT_STAGES else ds.column_names  # prompt rows keep their columns for the rewards
+    entry = get_stage(stage)
+    fn = entry.load("encoder")(args, tokenizer)
+    columns = [] if entry.keeps_columns else ds.column_names  # prompt rows keep their columns for the rewards
     return map_rows(ds, fn, batched=True, batch_size=1000, remove_columns=columns, num_proc=num_proc, desc="Tokenizing")
 
 

@@ -4,7 +4,8 @@ whole turns at cutoff_len. pt: add BOS/EOS, concatenate, cut into blocks."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import numpy as np
 
@@ -90,6 +91,21 @@ def encode_sft_batch(batch: dict[str, list[Any]], tokenizer: Any, template: Rend
         out["_status"].append(status)
         out["_loss_tokens"].append(sum(1 for x in labels if x != IGNORE_INDEX))
     return out
+
+
+def pt_encoder(args: Any, tokenizer: Any) -> Callable[[dict[str, list[Any]]], dict[str, list[Any]]]:
+    """Stage pt's batched tokenizer: blocks of cutoff_len, or whole documents when packing."""
+    encode = encode_pt_documents if args.packing else encode_pt_batch
+    return partial(encode, tokenizer=tokenizer, block_size=args.cutoff_len)
+
+
+def sft_encoder(args: Any, tokenizer: Any) -> Callable[[dict[str, list[Any]]], dict[str, list[Any]]]:
+    """Stage sft's batched tokenizer: conversations rendered with the template and masked by the policy."""
+    from lmforge.data.templates import get_template
+
+    policy = MaskPolicy(args.cutoff_len, args.train_on_prompt, args.mask_history)
+    return partial(encode_sft_batch, tokenizer=tokenizer, template=get_template(args.template, tokenizer),
+                   policy=policy)
 
 
 def encode_pt_batch(batch: dict[str, list[Any]], tokenizer: Any, block_size: int) -> dict[str, list[Any]]:

@@ -12,6 +12,7 @@ Columns the format does not use are kept, so that `module:function` rewards rece
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import datasets
@@ -21,7 +22,7 @@ from lmforge.data.formats import (TURN_FEATURES, _text, alpaca_converter, conver
                                   require_columns, sharegpt_converter, split_system)
 from lmforge.data.pairwise import prompt_messages, validate_prompt
 from lmforge.data.processors import DROPPED, KEPT
-from lmforge.data.templates import Renderer
+from lmforge.data.templates import Renderer, bind_template
 
 PromptConverter = Callable[[dict[str, Any]], tuple[str, list[dict[str, str]], str]]
 PROMPT_FEATURES = {**TURN_FEATURES, "answer": datasets.Value("string")}
@@ -104,3 +105,8 @@ def encode_prompts_batch(batch: dict[str, list[Any]], tokenizer: Any, template: 
         out["_status"].append(DROPPED if n > cutoff_len else KEPT)
         out["_loss_tokens"].append(0)  # the trained tokens are sampled during training
     return out
+
+
+def prompts_encoder(args: Any, tokenizer: Any) -> Callable[[dict[str, list[Any]]], dict[str, list[Any]]]:
+    """The registry's batched tokenizer for these rows: `encode_prompts_batch` with the template and cutoff_len."""
+    return bind_template(partial(encode_prompts_batch, tokenizer=tokenizer), args, tokenizer)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -287,3 +287,8 @@ def stop_token_ids(tokenizer: Any, template: Renderer) -> list[int]:
         if len(encoded) == 1:
             ids.add(encoded[0])
     return sorted(ids)
+
+
+def bind_template(encode: Any, args: Any, tokenizer: Any) -> Any:
+    """`encode` with the data options' template and cutoff_len bound (the chat stages' tokenizers)."""
+    return partial(encode, template=get_template(args.template, tokenizer), cutoff_len=args.cutoff_len)

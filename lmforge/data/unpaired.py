@@ -12,6 +12,7 @@ Accepted rows:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import datasets
@@ -20,7 +21,7 @@ from lmforge.data.catalogue import DatasetSpec
 from lmforge.data.formats import (TURN_FEATURES, RowError, alpaca_converter, convert_rows, detect_turn_format,
                                   fill_turns, require_columns, sharegpt_converter, split_system)
 from lmforge.data.pairwise import answer_text, answer_tokens, fit_cutoff, prompt_messages, validate_prompt
-from lmforge.data.templates import Renderer
+from lmforge.data.templates import Renderer, bind_template
 
 UnpairedConverter = Callable[[dict[str, Any]], tuple[str, list[dict[str, str]], str, bool]]
 UNPAIRED_FEATURES = {**TURN_FEATURES, "_completion": datasets.Value("string"), "_label": datasets.Value("bool")}
@@ -97,3 +98,8 @@ def encode_unpaired_batch(batch: dict[str, list[Any]], tokenizer: Any, template:
         out["_status"].append(status)
         out["_loss_tokens"].append(len(answer))
     return out
+
+
+def unpaired_encoder(args: Any, tokenizer: Any) -> Callable[[dict[str, list[Any]]], dict[str, list[Any]]]:
+    """The registry's batched tokenizer for these rows: `encode_unpaired_batch` with the template and cutoff_len."""
+    return bind_template(partial(encode_unpaired_batch, tokenizer=tokenizer), args, tokenizer)

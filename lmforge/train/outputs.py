@@ -24,8 +24,11 @@ def _smooth(values: list[float]) -> list[float]:
     return out
 
 
-def plot_losses(output_dir: str | Path) -> list[Path]:
-    """training_loss.png (and eval_loss.png when there was eval) from trainer_log.jsonl."""
+DEFAULT_PLOTS = (("loss", "training_loss.png"), ("eval_loss", "eval_loss.png"))
+
+
+def plot_losses(output_dir: str | Path, plots: tuple[tuple[str, str], ...] = DEFAULT_PLOTS) -> list[Path]:
+    """One PNG per (log key, file name) of `plots` that trainer_log.jsonl holds (the stage's plots)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,9 +36,7 @@ def plot_losses(output_dir: str | Path) -> list[Path]:
 
     records = read_log(output_dir)
     written = []
-    for key, name in (("loss", "training_loss.png"), ("eval_loss", "eval_loss.png"),
-                      ("rewards/margins", "reward_margins.png"), ("accuracy", "reward_accuracy.png"),
-                      ("reward", "reward.png")):
+    for key, name in plots:
         points = [(r["step"], r[key]) for r in records if key in r]
         if not points:
             continue

@@ -8,46 +8,32 @@ here from the same length-normalised log-probabilities TRL's fused head returns.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import transformers
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, RewardConfig, RewardTrainer
 
 from lmforge.config import TrainConfig
 from lmforge.model.loader import load_model
-from lmforge.train.callbacks import JsonlLogCallback, ProgressCallback
-from lmforge.train.causal_lm import build_model, prepare_run, train_and_report
+from lmforge.train.recipe import (build_model, finish_trainer, prepare_run, train_and_report, trainer_callbacks,
+                                  trl_config)
 from lmforge.train.trainer import EngineMixin
 
 REFERENCE_FREE = ("orpo", "simpo")
 
 
-def trl_config(cls: type, args: transformers.TrainingArguments, **extra: Any) -> Any:
-    """A TRL config carrying every transformers.TrainingArguments value of lmforge's args."""
-    base = {f.name: getattr(args, f.name) for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
-    base["remove_unused_columns"] = False  # the data is already tokenized by lmforge
-    return cls(**(base | extra))
-
-
 class LmforgeRewardTrainer(EngineMixin, RewardTrainer):
-    """TRL's RewardTrainer (pairwise loss, accuracy and margin metrics) with lmforge's checkpoints."""
-
-    def __init__(self, *args: Any, fingerprint: str = "", **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.setup_engine(fingerprint)
+    """TRL's RewardTrainer (pairwise loss, accuracy and margin metrics) with lmforge's guarantees."""
 
 
 class LmforgeDPOTrainer(EngineMixin, DPOTrainer):
     """TRL's DPOTrainer on lmforge's tokenized pairs, plus the reference-free orpo and simpo losses."""
 
-    def __init__(self, *args: Any, fingerprint: str = "", pref_loss: str = "sigmoid", pref_ftx: float = 0.0,
-                 simpo_gamma: float = 0.5, fresh_adapter: bool = True, **kwargs: Any):
+    def __init__(self, *args: Any, pref_loss: str = "sigmoid", pref_ftx: float = 0.0, simpo_gamma: float = 0.5,
+                 fresh_adapter: bool = True, **kwargs: Any):
         self.pref_loss, self.pref_ftx, self.simpo_gamma = pref_loss, pref_ftx, simpo_gamma
         super().__init__(*args, **kwargs)
-        self.setup_engine(fingerprint)
         if pref_loss in REFERENCE_FREE:
             self.ref_model = None  # never used
         peft_config = getattr(self.model, "peft_config", {})
@@ -90,9 +76,8 @@ class LmforgeDPOTrainer(EngineMixin, DPOTrainer):
 class LmforgeKTOTrainer(EngineMixin, KTOTrainer):
     """TRL's KTOTrainer on lmforge's tokenized (prompt, completion, label) rows."""
 
-    def __init__(self, *args: Any, fingerprint: str = "", fresh_adapter: bool = True, **kwargs: Any):
+    def __init__(self, *args: Any, fresh_adapter: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.setup_engine(fingerprint)
         if fresh_adapter and "ref" in getattr(self.model, "peft_config", {}):
             self.model.delete_adapter("ref")  # as in LmforgeDPOTrainer: the reference is the adapter disabled
 
@@ -136,35 +121,30 @@ def reward_pairs(ds: Any) -> Any:
                   remove_columns=["prompt_ids"], desc="Joining prompts and answers")
 
 
-def run_preference(config: TrainConfig) -> dict[str, Any]:
+def run(config: TrainConfig) -> dict[str, Any]:
     """Train a reward model (stage rm) or a policy on preferences (dpo, kto); returns all_results."""
     fingerprint, resume, tokenizer, data = prepare_run(config)
     args, f = config.training, config.finetuning
-    if args.train_sampling_strategy == "group_by_length" and f.stage != "kto":  # similar lengths share a batch
+    if args.train_sampling_strategy == "group_by_length" and f.spec.samplers is None:  # similar lengths share a batch
         data.train, data.eval = with_pair_lengths(data.train), with_pair_lengths(data.eval)
-    callbacks = [JsonlLogCallback(args.output_dir), ProgressCallback()]
+    model = build_model(config, tokenizer)
+    common = {"model": model, "processing_class": tokenizer, "callbacks": trainer_callbacks(config),
+              "fingerprint": fingerprint, "nan_policy": args.nan_policy}
     if f.stage == "rm":
-        model = build_model(config, tokenizer, reward_head=True)
         model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
-        trainer = LmforgeRewardTrainer(
-            model=model, args=trl_config(RewardConfig, args, max_length=None), train_dataset=reward_pairs(data.train),
-            eval_dataset=reward_pairs(data.eval), processing_class=tokenizer, callbacks=callbacks,
-            fingerprint=fingerprint)
+        trainer = LmforgeRewardTrainer(args=trl_config(RewardConfig, args, max_length=None),
+                                       train_dataset=reward_pairs(data.train), eval_dataset=reward_pairs(data.eval),
+                                       **common)
     elif f.stage == "kto":
-        model = build_model(config, tokenizer)
-        trainer = LmforgeKTOTrainer(
-            model=model, ref_model=_reference_model(config, tokenizer), args=_kto_config(config),
-            train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer, callbacks=callbacks,
-            fingerprint=fingerprint, fresh_adapter=not config.model.adapter_name_or_path)
+        trainer = LmforgeKTOTrainer(ref_model=_reference_model(config, tokenizer), args=_kto_config(config),
+                                    train_dataset=data.train, eval_dataset=data.eval,
+                                    fresh_adapter=not config.model.adapter_name_or_path, **common)
     else:
-        model = build_model(config, tokenizer)
-        trainer = LmforgeDPOTrainer(
-            model=model, ref_model=_reference_model(config, tokenizer), args=_dpo_config(config),
-            train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer, callbacks=callbacks,
-            fingerprint=fingerprint, pref_loss=f.pref_loss, pref_ftx=f.pref_ftx, simpo_gamma=f.simpo_gamma,
-            fresh_adapter=not config.model.adapter_name_or_path)
-    trainer.remove_callback(transformers.trainer_callback.ProgressCallback)
-    return train_and_report(config, trainer, model, data, resume)
+        trainer = LmforgeDPOTrainer(ref_model=_reference_model(config, tokenizer), args=_dpo_config(config),
+                                    train_dataset=data.train, eval_dataset=data.eval, pref_loss=f.pref_loss,
+                                    pref_ftx=f.pref_ftx, simpo_gamma=f.simpo_gamma,
+                                    fresh_adapter=not config.model.adapter_name_or_path, **common)
+    return train_and_report(config, finish_trainer(trainer), model, data, resume)
 
 
 def _dpo_config(config: TrainConfig) -> DPOConfig:

@@ -7,15 +7,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import transformers
 from trl import GRPOConfig, GRPOTrainer
 
 from lmforge.config import TrainConfig
 from lmforge.data.templates import get_template, stop_token_ids
 from lmforge.errors import LmforgeError
-from lmforge.train.callbacks import JsonlLogCallback, ProgressCallback
-from lmforge.train.causal_lm import build_model, prepare_run, train_and_report
-from lmforge.train.preference import trl_config
+from lmforge.train.recipe import (build_model, finish_trainer, prepare_run, train_and_report, trainer_callbacks,
+                                  trl_config)
 from lmforge.train.rewards import build_reward_funcs
 from lmforge.train.trainer import EngineMixin
 
@@ -23,11 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 class LmforgeGRPOTrainer(EngineMixin, GRPOTrainer):
-    """TRL's GRPOTrainer on prompts already rendered by lmforge's template, with lmforge's checkpoints."""
-
-    def __init__(self, *args: Any, fingerprint: str = "", **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.setup_engine(fingerprint)
+    """TRL's GRPOTrainer on prompts already rendered by lmforge's template, with lmforge's guarantees."""
 
     def _tokenize_prompts(self, prompts: list) -> tuple[list[list[int]], None, dict]:
         # the rendered prompt already holds every special token the template wants (BOS included)
@@ -35,6 +29,7 @@ class LmforgeGRPOTrainer(EngineMixin, GRPOTrainer):
 
 
 def grpo_config(config: TrainConfig) -> GRPOConfig:
+    """TRL's GRPO config from lmforge's rl options."""
     rl = config.rl
     return trl_config(
         GRPOConfig, config.training, num_generations=rl.num_generations, max_completion_length=rl.max_new_tokens,
@@ -49,7 +44,7 @@ def check_answers(config: TrainConfig, data: Any) -> None:
                            "`answer` column (or alpaca `output`, or a last assistant turn), or drop exact_match")
 
 
-def run_rl(config: TrainConfig) -> dict[str, Any]:
+def run(config: TrainConfig) -> dict[str, Any]:
     """On-policy RL with GRPO; returns all_results."""
     if config.finetuning.stage == "ppo":
         logger.warning("stage ppo runs GRPO (group-relative advantages, no value model): the installed TRL has "
@@ -63,6 +58,5 @@ def run_rl(config: TrainConfig) -> dict[str, Any]:
     trainer = LmforgeGRPOTrainer(
         model=model, reward_funcs=build_reward_funcs(config.rl, config.data.template, config.training.device),
         args=grpo_config(config), train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-        callbacks=[JsonlLogCallback(config.training.output_dir), ProgressCallback()], fingerprint=fingerprint)
-    trainer.remove_callback(transformers.trainer_callback.ProgressCallback)
-    return train_and_report(config, trainer, model, data, resume)
+        callbacks=trainer_callbacks(config), fingerprint=fingerprint, nan_policy=config.training.nan_policy)
+    return train_and_report(config, finish_trainer(trainer), model, data, resume)

@@ -19,6 +19,8 @@ from lmforge.train import checkpoints as ckpt
 from lmforge.train.loss import capture_head_input, chunkable_head, linear_cross_entropy
 
 LARGE_VOCAB = 32_000
+# the masks that count real tokens in batches built by TRL's collators: whole sequences, else prompt + completion
+MASK_KEYS = (("attention_mask", "KL_attention_mask"), ("prompt_mask", "completion_mask"))
 logger = logging.getLogger(__name__)
 
 
@@ -28,20 +30,32 @@ def is_mixture_of_experts(model: torch.nn.Module) -> bool:
 
 
 class EngineMixin:
-    """What every lmforge trainer shares, whether it extends `transformers.Trainer` or a TRL trainer:
-    checkpoints staged in output_dir/.staging with a manifest and renamed into place, rotation that
-    never removes the resume source, FSDP2 on CPU, engine-gathered weights saved without tied copies,
-    and a log line naming the engine."""
+    """Every guarantee lmforge gives, for every trainer, whether it extends `transformers.Trainer` or a TRL
+    trainer: checkpoints staged in output_dir/.staging with a manifest and renamed into place, rotation that
+    never removes the resume source, the NaN/inf policy decided once for all processes, tokens/s and padding
+    in every log, FSDP2 on CPU, engine-gathered weights saved without tied copies, and a log line naming
+    the engine."""
 
-    def setup_engine(self, fingerprint: str) -> None:
+    def __init__(self, *args: Any, fingerprint: str = "", nan_policy: str = "stop", pack_size: int | None = None,
+                 **kwargs: Any):
+        train_args, model = kwargs.get("args"), kwargs.get("model")
+        if train_args is not None and train_args.ddp_find_unused_parameters is None:
+            # set before Trainer.__init__ builds the DDP options from it. LoRA, freeze and full tuning use every
+            # trainable parameter in each forward, so DDP's search for unused ones (transformers' default) is
+            # an extra graph walk per step; mixture-of-experts layers can leave experts unrouted, so they keep it
+            train_args.ddp_find_unused_parameters = is_mixture_of_experts(model)
+        super().__init__(*args, **kwargs)
         self.fingerprint = fingerprint
-        if self.args.ddp_find_unused_parameters is None:
-            # LoRA, freeze and full tuning use every trainable parameter in each forward, so DDP's search for
-            # unused ones (transformers' default) is an extra graph walk per step; mixture-of-experts
-            # layers can leave experts unrouted, so they keep it
-            self.args.ddp_find_unused_parameters = is_mixture_of_experts(self.model)
+        self.nan_policy = nan_policy
+        self.pack_size = pack_size
         self.protected: set[str] = set()  # the checkpoint being resumed from: never rotated away
+        self.guard = NonFiniteGuard(self)
+        self.add_callback(self.guard)
         self.add_callback(EngineReport(self))
+        self._counts: dict[str, Any] = {"real": 0, "positions": 0, "rows": 0}
+        self._counted = False
+        self._start = time.perf_counter()
+        self._last_log = (self._start, {k: 0.0 for k in self._counts})
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -100,30 +114,79 @@ class EngineMixin:
     def train(self, resume_from_checkpoint: str | None = None, *args: Any, **kwargs: Any) -> Any:
         if resume_from_checkpoint:
             self.protected.add(str(Path(resume_from_checkpoint).resolve()))
+        self._start = time.perf_counter()
+        self._last_log = (self._start, dict(self._counts))
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        drop_redundant_mask(inputs)
+        if model.training:
+            self._count_from_masks(inputs)
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            loss = result[0] if isinstance(result, tuple) else result
+            self.guard.record_loss(loss)
+        return result
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        if isinstance(inputs, dict) and COUNT_KEYS[0] in inputs:  # lmforge's collators count what they built
+            counts = {k: inputs.pop(k) for k in COUNT_KEYS}
+            self._add_counts(counts["num_real_tokens"], counts["num_positions"], counts["num_rows"])
+            self._counted = True
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _count_from_masks(self, inputs: dict[str, Any]) -> None:
+        """TRL's batches carry no counts: real tokens and positions from their attention masks."""
+        if self._counted:
+            self._counted = False
+            return
+        keys = [k for k in MASK_KEYS[0] if k in inputs] or [k for k in MASK_KEYS[1] if k in inputs]
+        masks = [inputs[k] for k in keys if isinstance(inputs[k], torch.Tensor) and inputs[k].dim() == 2]
+        if masks:
+            self._add_counts(sum(m.sum() for m in masks), sum(m.numel() for m in masks), masks[0].shape[0])
+
+    def _add_counts(self, real: Any, positions: Any, rows: Any) -> None:
+        """Accumulate without a host sync: device tensors are summed as tensors, read at the next log."""
+        for key, value in (("real", real), ("positions", positions), ("rows", rows)):
+            self._counts[key] = self._counts[key] + (value.sum() if isinstance(value, torch.Tensor) else value)
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        for key in COUNT_KEYS:
+            inputs.pop(key, None)
+        drop_redundant_mask(inputs)
+        return super().prediction_step(model, inputs, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            now = time.perf_counter()
+            since, before = self._last_log
+            counts = {k: float(v) for k, v in self._counts.items()}
+            real, positions = counts["real"] - before["real"], counts["positions"] - before["positions"]
+            if positions:
+                logs["tokens_per_second"] = round(real / max(now - since, 1e-9), 1)
+                logs["padding_fraction"] = round(1 - real / positions, 4)
+            rows = counts["rows"] - before["rows"]
+            if self.pack_size and rows:
+                logs["packing_efficiency"] = round(real / (rows * self.pack_size), 4)
+            logs["elapsed_s"] = round(now - self._start, 2)
+            for key, value in (("skipped_steps", self.guard.skipped), ("overflow_steps", self.guard.overflows)):
+                if value:
+                    logs[key] = value
+            self._last_log = (now, counts)
+        super().log(logs, start_time)
 
 
 class LmforgeTrainer(EngineMixin, Trainer):
-    """Counts the tokens each optimizer step really computes and logs, per logging step:
-    tokens_per_second (non-padding tokens), padding_fraction, packing_efficiency (packed runs), elapsed_s.
+    """The pt/sft trainer: lmforge's guarantees plus the chunked loss (no [batch, seq, vocab] logits).
 
     Loss normalisation is the Trainer's own: with `num_items_in_batch` the loss is the mean over all
     loss tokens of the optimizer step, so gradient accumulation equals one larger batch.
     """
 
-    def __init__(self, *args: Any, pack_size: int | None = None, fingerprint: str = "", nan_policy: str = "stop",
-                 **kwargs: Any):
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.setup_engine(fingerprint)
-        self.pack_size = pack_size
-        self.nan_policy = nan_policy
-        self.skipped_batches = 0
-        self._micro_batch = 0
         self.loss_head = self._choose_loss_head()
-        self.add_callback(NonFiniteGradients(self))
-        self._counts = {"real": 0, "positions": 0, "rows": 0}
-        self._last_log = (time.perf_counter(), dict(self._counts))
-        self._start = time.perf_counter()
 
     def _choose_loss_head(self) -> Any:
         """The head for chunked loss, or None for the model's own loss (see `loss_chunking`)."""
@@ -142,69 +205,19 @@ class LmforgeTrainer(EngineMixin, Trainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        if getattr(self, "loss_head", None) is None or not model.training or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         drop_redundant_mask(inputs)
-        if self.loss_head is None or not model.training or "labels" not in inputs:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        else:
-            labels = inputs.pop("labels")
-            with capture_head_input(self.loss_head) as captured:
-                outputs = model(**inputs, use_cache=False)
-            loss = linear_cross_entropy(captured["hidden"], self.loss_head, labels, num_items_in_batch)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                # as Trainer.compute_loss: the gradient all-reduce averages, the token count was summed
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
-            result = (loss, outputs) if return_outputs else loss
-        if model.training:
-            result = self._guard_finite(result)
-        return result
-
-    def _guard_finite(self, result: Any) -> Any:
-        """nan_policy: stop (raise, nothing new saved) or skip (this micro-batch adds no gradient)."""
-        loss = result[0] if isinstance(result, tuple) else result
-        self._micro_batch += 1
-        if torch.isfinite(loss.detach()).all():
-            return result
-        where = f"optimizer step {self.state.global_step + 1}, micro-batch {self._micro_batch}"
-        if self.nan_policy == "stop":
-            raise LmforgeError(f"non-finite loss at {where}: stopped; nothing new was saved and the last good "
-                               f"checkpoint is kept (set nan_policy: skip to skip such batches)")
-        self.skipped_batches += 1
-        logger.warning("non-finite loss at %s: batch skipped (%d so far)", where, self.skipped_batches)
-        zero = torch.zeros((), device=loss.device, requires_grad=True)  # no graph: backward adds nothing
-        return (zero, result[1]) if isinstance(result, tuple) else zero
-
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        self._start = time.perf_counter()
-        self._last_log = (self._start, dict(self._counts))
-        return super().train(*args, **kwargs)
-
-    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
-        counts = {k: inputs.pop(k, None) for k in COUNT_KEYS}
-        self._counts["real"] += counts["num_real_tokens"] or inputs["input_ids"].numel()
-        self._counts["positions"] += counts["num_positions"] or inputs["input_ids"].numel()
-        self._counts["rows"] += counts["num_rows"] or inputs["input_ids"].shape[0]
-        return super().training_step(model, inputs, num_items_in_batch)
-
-    def prediction_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        for key in COUNT_KEYS:
-            inputs.pop(key, None)
-        drop_redundant_mask(inputs)
-        return super().prediction_step(model, inputs, *args, **kwargs)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
-            now = time.perf_counter()
-            since, before = self._last_log
-            real = self._counts["real"] - before["real"]
-            positions = self._counts["positions"] - before["positions"]
-            logs["tokens_per_second"] = round(real / max(now - since, 1e-9), 1)
-            logs["padding_fraction"] = round(1 - real / positions, 4) if positions else 0.0
-            rows = self._counts["rows"] - before["rows"]
-            if self.pack_size and rows:
-                logs["packing_efficiency"] = round(real / (rows * self.pack_size), 4)
-            logs["elapsed_s"] = round(now - self._start, 2)
-            self._last_log = (now, dict(self._counts))
-        super().log(logs, start_time)
+        self._count_from_masks(inputs)
+        labels = inputs.pop("labels")
+        with capture_head_input(self.loss_head) as captured:
+            outputs = model(**inputs, use_cache=False)
+        loss = linear_cross_entropy(captured["hidden"], self.loss_head, labels, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # as Trainer.compute_loss: the gradient all-reduce averages, the token count was summed
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
+        self.guard.record_loss(loss)
+        return (loss, outputs) if return_outputs else loss
 
 
 def drop_tied_copies(model: torch.nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -243,23 +256,60 @@ class EngineReport(TrainerCallback):
         logger.info("engine: %s on %d processes (%s)", engine, processes, torch.distributed.get_backend())
 
 
-class NonFiniteGradients(TrainerCallback):
-    """Before each optimizer step: non-finite gradients stop the run (nan_policy stop) or the
-    update is skipped (nan_policy skip: every gradient is dropped, so the optimizer leaves the weights)."""
+class NonFiniteGuard(TrainerCallback):
+    """nan_policy, decided once per optimizer step for every process.
 
-    def __init__(self, trainer: LmforgeTrainer):
+    Each micro-batch's loss is checked on the device (no host sync); before the update the flags and the
+    gradients' finiteness are all-reduced, so every rank stops, or skips the update, together (a rank that
+    left the step alone would hang the others in the next collective). Under fp16 the loss scaler owns
+    overflowing gradients: it skips such steps itself, and they are counted as overflow_steps.
+    """
+
+    def __init__(self, trainer: Any):
         self.trainer = trainer
+        self.losses: list[torch.Tensor] = []  # per micro-batch: 1 where the loss was not finite
+        self.skipped = 0
+        self.overflows = 0
+
+    def record_loss(self, loss: torch.Tensor) -> None:
+        """Note whether this micro-batch's loss is finite (a device tensor; read before the update)."""
+        self.losses.append((~torch.isfinite(loss.detach())).any())
+
+    def _gradients_bad(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+        if self.trainer.accelerator.scaler is not None or not params:
+            return None  # fp16: inf gradients are the scaler's to skip
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+        return ~torch.stack([torch.isfinite(g).all() for g in grads]).all()
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer._micro_batch = 0
         params = [p for p in self.trainer.model.parameters() if p.grad is not None]
-        if all(torch.isfinite(p.grad).all() for p in params):
+        losses, self.losses = self.losses, []
+        device = args.device
+        flags = torch.zeros(2, device=device)  # [a loss was not finite, a gradient was not finite]
+        if losses:
+            flags[0] = torch.stack(losses).any().to(device)
+        grads_bad = self._gradients_bad(params)
+        if grads_bad is not None:
+            flags[1] = grads_bad.to(device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        bad_loss, bad_grads = flags.tolist()  # one host sync per optimizer step
+        if not (bad_loss or bad_grads):
             return
         where = f"optimizer step {state.global_step + 1}"
+        if bad_loss:
+            local = [i + 1 for i, flag in enumerate(torch.stack(losses).tolist()) if flag] if losses else []
+            what = f"non-finite loss at {where}" + (f", micro-batch {local[0]}" if local else " (another process)")
+        else:
+            what = f"non-finite gradients at {where}"
         if self.trainer.nan_policy == "stop":
-            raise LmforgeError(f"non-finite gradients at {where}: stopped before the update; the last good "
-                               "checkpoint is kept (set nan_policy: skip to skip such updates)")
+            raise LmforgeError(f"{what}: stopped before the update; nothing new was saved and the last good "
+                               "checkpoint is kept (set nan_policy: skip to skip such steps)")
         for p in params:
-            p.grad = None
-        self.trainer.skipped_batches += 1
-        logger.warning("non-finite gradients at %s: update skipped", where)
+            p.grad = None  # the optimizer leaves every weight as it is
+        self.skipped += 1
+        logger.warning("%s: update skipped on every process (%d so far)", what, self.skipped)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer.accelerator.scaler is not None and self.trainer.accelerator.optimizer_step_was_skipped:
+            self.overflows += 1  # fp16 loss-scale overflow: normal, the scaler lowers the scale and goes on

@@ -11,7 +11,7 @@ from lmforge.cli import main
 from lmforge.config import DataArguments
 from lmforge.config.parser import parse_train_config
 from lmforge.data.pipeline import build_datasets
-from lmforge.train.causal_lm import build_model, prepare_tokenizer
+from lmforge.train.recipe import build_model, prepare_tokenizer
 from lmforge.train.preference import REFERENCE_FREE, LmforgeDPOTrainer, _dpo_config, _reference_model
 
 

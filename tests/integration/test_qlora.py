@@ -7,7 +7,8 @@ import torch
 from lmforge.cli import main
 from lmforge.config.parser import parse_train_config
 from lmforge.data.pipeline import get_datasets
-from lmforge.train.causal_lm import build_model, build_trainer, prepare_tokenizer
+from lmforge.train.causal_lm import build_trainer
+from lmforge.train.recipe import build_model, prepare_tokenizer
 
 bnb = pytest.importorskip("bitsandbytes")
 

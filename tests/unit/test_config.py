@@ -31,7 +31,7 @@ def test_flag_without_value_is_true_and_warmup_ratio_maps_to_steps():
     (["--finetuning_type", "lora", "--freeze_trainable_layers", "1"], "only to finetuning_type: freeze"),
     (["--bf16", "--fp16"], "bf16 and fp16 are both set"),
     (["--lora_rank", "abc"], "option 'lora_rank' expects int, got 'abc'"),
-    (["--stage", "rlhf"], "option 'stage' expects {pt,sft,rm,dpo,kto,ppo,grpo}"),
+    (["--stage", "rlhf"], "option 'stage' expects {pt,sft,rm,dpo,kto,grpo,ppo}"),
     (["--train_on_prompt", "--mask_history"], "contradict"),
     (["--cutoff_len", "1"], "cutoff_len must be at least 2"),
     (["--warmup_ratio", "0.1", "--warmup_steps", "5"], "warmup_ratio and warmup_steps are both set"),
