@@ -20,6 +20,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from lmforge.compat import attention_registered
 from lmforge.data.collator import VARLEN_SDPA
 
 
@@ -57,7 +58,7 @@ def use_varlen_sdpa(model: torch.nn.Module) -> str:
     or return "sdpa" (packed rows then get the block-diagonal mask) for a model whose attention does not go
     through transformers' AttentionInterface: transformers only warns and keeps sdpa there, and a flattened
     row without a mask would let its examples see each other."""
-    if VARLEN_SDPA not in AttentionInterface._global_mapping:
+    if not attention_registered(VARLEN_SDPA):
         AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.set_attn_implementation(VARLEN_SDPA)
