@@ -117,6 +117,22 @@ class StopOnSignal(TrainerCallback):
                 signal.signal(s, handler)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.signal is not None:
+        agreed = agreed_signal(self.signal, args.device)
+        if agreed is not None:
+            self.signal = self.signal or agreed
             control.should_save = True
             control.should_training_stop = True
+
+
+def agreed_signal(signum: int | None, device: Any) -> int | None:
+    """The signal any rank received, the same on every rank: each rank sees SIGTERM on its own, and ranks that
+    started saving at different steps would deadlock in the save's collectives. One tiny all-reduce per
+    optimizer step, in distributed runs only."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return signum
+    flag = torch.tensor([signum or 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
