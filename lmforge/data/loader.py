@@ -32,6 +32,8 @@ def load_raw(spec: DatasetSpec, streaming: bool = False) -> datasets.Dataset | d
         raise LmforgeError(f"dataset '{spec.name}': could not read {', '.join(files)}: {_first_line(err)}") from None
     finally:
         datasets.logging.set_verbosity(level)
+    if streaming and ds.column_names is None:
+        ds = ds._resolve_features()  # the columns are not always known before the first rows are read
     if not streaming and len(ds) == 0:
         raise LmforgeError(f"dataset '{spec.name}': no rows in {', '.join(files)}")
     return ds
