@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 from dataclasses import MISSING, dataclass, field, fields
@@ -152,20 +153,32 @@ class DataArguments:
     def __post_init__(self) -> None:
         if self.cutoff_len < 2:
             raise LmforgeError(f"cutoff_len must be at least 2, got {self.cutoff_len}")
-        if self.val_size < 0:
-            raise LmforgeError(f"val_size must be >= 0 (a fraction or a row count), got {self.val_size}")
+        whole = self.val_size >= 1 and float(self.val_size).is_integer()
+        if self.val_size != 0 and not 0 < self.val_size < 1 and not whole:
+            raise LmforgeError(f"val_size must be 0, a fraction in (0, 1) or a whole number >= 1 of examples, "
+                               f"got {self.val_size}")
         if self.train_on_prompt and self.mask_history:
             raise LmforgeError("train_on_prompt and mask_history contradict each other: set only one")
         if self.streaming and self.packing:
             raise LmforgeError("packing needs the whole dataset to place examples; set streaming: false or packing: false")
         if self.max_samples is not None and self.max_samples < 1:
             raise LmforgeError(f"max_samples must be >= 1, got {self.max_samples}")
+        _ = self.interleave_weights  # refuses a malformed interleave_probs before any data is read
 
     @property
     def interleave_weights(self) -> list[float] | None:
+        """interleave_probs as numbers, or None when unset."""
         if not self.interleave_probs:
             return None
-        return [float(p) for p in str(self.interleave_probs).split(",")]
+        text = str(self.interleave_probs)
+        try:
+            weights = [float(p) for p in text.split(",")]
+        except ValueError:
+            weights = []
+        if not weights or min(weights) < 0 or not sum(weights) > 0 or not all(map(math.isfinite, weights)):
+            raise LmforgeError(f"interleave_probs must be comma-separated numbers >= 0, one per dataset and "
+                               f"summing to more than 0 (e.g. 0.7,0.3), got {text!r}")
+        return weights
 
 
 def reject_foreign_options(group: Any, key: str, owners: tuple[str, ...], names: tuple[str, ...],
@@ -406,6 +419,9 @@ class TrainingArguments(transformers.TrainingArguments):
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
             raise LmforgeError("bf16 and fp16 are both set: choose one mixed-precision mode")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise LmforgeError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_ratio:
             if not 0 < self.warmup_ratio < 1:
                 raise LmforgeError(f"warmup_ratio must be in (0, 1), got {self.warmup_ratio}")

@@ -126,11 +126,22 @@ def load_conversations(names: str | None, args: DataArguments, stage: str, seed:
         return parts[0]
     if args.mix_strategy == "concat":
         return datasets.concatenate_datasets(parts)
-    probs = args.interleave_weights
-    if probs is not None and len(probs) != len(parts):
-        raise LmforgeError(f"interleave_probs has {len(probs)} values but {len(parts)} datasets are mixed")
     strategy = "first_exhausted" if args.mix_strategy == "interleave_under" else "all_exhausted"
-    return datasets.interleave_datasets(parts, probabilities=probs, seed=seed, stopping_strategy=strategy)
+    return datasets.interleave_datasets(parts, probabilities=_interleave_probabilities(args, len(parts)),
+                                        seed=seed, stopping_strategy=strategy)
+
+
+def _interleave_probabilities(args: DataArguments, n_datasets: int) -> list[float] | None:
+    """interleave_probs scaled to sum to 1 (datasets requires it), one per dataset; None samples evenly."""
+    weights = args.interleave_weights
+    if weights is None:
+        return None
+    if len(weights) != n_datasets:
+        raise LmforgeError(f"interleave_probs has {len(weights)} values but {n_datasets} datasets are mixed")
+    if args.mix_strategy == "interleave_over" and 0 in weights:
+        raise LmforgeError("interleave_over samples until every dataset is exhausted, which a dataset of "
+                           "probability 0 never is: give it a probability > 0 or use interleave_under")
+    return [w / sum(weights) for w in weights]
 
 
 def _split(ds: datasets.Dataset, val_size: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:

@@ -154,6 +154,30 @@ def build_config(args: ModelArguments, tokenizer: Any) -> Any:
     return config
 
 
+def _root_cause(err: BaseException) -> str:
+    """The first line of the innermost error: transformers wraps config validation errors in a generic one."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _build_from_scratch(auto: Any, args: ModelArguments, tokenizer: Any, common: dict[str, Any],
+                        reward_head: bool) -> Any:
+    """Random weights from build_config; whatever transformers or torch refuses becomes one line naming
+    model_config (or the config file, when there are no overrides)."""
+    try:
+        config = build_config(args, tokenizer)
+        if reward_head:
+            config.num_labels = 1
+        return auto.from_config(config, **common)
+    except LmforgeError:
+        raise
+    except Exception as err:
+        source = ("model_config" if args.model_config
+                  else f"the config of {args.model_name_or_path} (train_from_scratch)")
+        raise LmforgeError(f"{source}: cannot build the model: {_root_cause(err)}") from None
+
+
 def quantization_settings(args: ModelArguments, compute_dtype: torch.dtype) -> dict[str, Any]:
     """from_pretrained arguments for a bitsandbytes 4- or 8-bit base (QLoRA), or {} without quantization_bit."""
     if not args.quantization_bit:
@@ -186,11 +210,8 @@ def load_model(args: ModelArguments, tokenizer: Any, compute_dtype: torch.dtype 
     common = {"dtype": _torch_dtype(args.torch_dtype), "attn_implementation": args.attn_implementation,
               "trust_remote_code": args.trust_remote_code}
     if args.train_from_scratch:
-        config = build_config(args, tokenizer)
         common["dtype"] = torch.float32 if common["dtype"] == "auto" else common["dtype"]
-        if reward_head:
-            config.num_labels = 1
-        return auto.from_config(config, **common)
+        return _build_from_scratch(auto, args, tokenizer, common, reward_head)
     if args.model_config:
         raise LmforgeError("model_config overrides the architecture and needs train_from_scratch: true")
     path = resolve_model_path(args.model_name_or_path)
@@ -212,7 +233,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 def check_weights(path: Path, allow_pickle: bool) -> bool:
     """True when the folder has safetensors weights; pickle-only weights need allow_pickle_weights."""
-    if any(path.glob("*.safetensors")):
+    tensors = sorted(path.glob("*.safetensors"))
+    for file in tensors:
+        check_safetensors(file)
+    if tensors:
         return True
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if not pickled:
@@ -224,6 +248,18 @@ def check_weights(path: Path, allow_pickle: bool) -> bool:
         )
     logger.warning("loading pickle weights %s from %s because allow_pickle_weights is set", pickled[0], path)
     return False
+
+
+def check_safetensors(file: Path) -> None:
+    """Read the file's header (not its tensors), which also checks that the file is as long as it says."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise LmforgeError(f"{file} is damaged ({_root_cause(err)}): download or export the model "
+                           "again") from None
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

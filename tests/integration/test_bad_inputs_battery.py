@@ -87,6 +87,22 @@ CASES = {
     "val_size too large": ({}, ["--val_size", "500"], "val_size 500.0 leaves no train or no eval rows"),
     "interleave probs count": ({}, ["--dataset", "alpaca_demo,sharegpt_demo", "--mix_strategy", "interleave_under",
                                     "--interleave_probs", "0.5"], "interleave_probs has 1 values but 2 datasets"),
+    "interleave probs not numbers": ({}, ["--dataset", "alpaca_demo,sharegpt_demo", "--mix_strategy",
+                                          "interleave_under", "--interleave_probs", "a,b"],
+                                     "interleave_probs must be comma-separated numbers >= 0"),
+    "interleave_over probability 0": ({}, ["--dataset", "alpaca_demo,sharegpt_demo", "--mix_strategy",
+                                           "interleave_over", "--interleave_probs", "1,0"],
+                                      "a dataset of probability 0 never is"),
+    "val_size fraction above 1": ({}, ["--val_size", "1.5"],
+                                  "val_size must be 0, a fraction in (0, 1) or a whole number >= 1 of examples, got 1.5"),
+    "batch size zero": ({}, ["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be >= 1, got 0"),
+    "accumulation zero": ({}, ["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be >= 1, got 0"),
+    "model_config negative size": ({}, ["--train_from_scratch", "true", "--model_config", "{hidden_size: -3}"],
+                                   "model_config: cannot build the model:"),
+    "model_config unknown key": ({}, ["--train_from_scratch", "true", "--model_config", "{hidden_sise: 8}"],
+                                 "model_config.hidden_sise: LlamaConfig has no such field"),
+    "model_config not a mapping": ({}, ["--train_from_scratch", "true", "--model_config", "[1, 2]"],
+                                   "option 'model_config' expects dict, got '[1, 2]'"),
     # --- model directories
     "missing model dir": ({}, ["--model_name_or_path", "{d}/no-model"], "no-model' not found"),
     "missing tokenizer": ({"m/config.json": "@config", "m/model.safetensors": "@weights"},
@@ -98,6 +114,14 @@ CASES = {
                              "m/tokenizer_config.json": "@tokcfg", "m/chat_template.jinja": "@template",
                              "m/pytorch_model.bin": b"\x80\x04fake"},
                             ["--model_name_or_path", "{d}/m"], "only pickle weights (pytorch_model.bin)"),
+    "garbage safetensors": ({"m/config.json": "@config", "m/tokenizer.json": "@tokenizer",
+                             "m/tokenizer_config.json": "@tokcfg", "m/chat_template.jinja": "@template",
+                             "m/model.safetensors": b"not a safetensors file at all"},
+                            ["--model_name_or_path", "{d}/m"], "model.safetensors is damaged"),
+    "truncated safetensors": ({"m/config.json": "@config", "m/tokenizer.json": "@tokenizer",
+                               "m/tokenizer_config.json": "@tokcfg", "m/chat_template.jinja": "@template",
+                               "m/model.safetensors": "@weights-truncated"},
+                              ["--model_name_or_path", "{d}/m"], "model.safetensors is damaged"),
 }
 
 
@@ -108,7 +132,10 @@ def _write(root: Path, files: dict, tiny: Path) -> None:
     for rel, content in files.items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, str) and content in sources:
+        if content == "@weights-truncated":  # the header whole, the tensor data cut in half
+            data = sources["@weights"].read_bytes()
+            content = data[: len(data) // 2]
+        elif isinstance(content, str) and content in sources:
             content = sources[content].read_bytes()
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
 

@@ -35,11 +35,31 @@ def test_flag_without_value_is_true_and_warmup_ratio_maps_to_steps():
     (["--train_on_prompt", "--mask_history"], "contradict"),
     (["--cutoff_len", "1"], "cutoff_len must be at least 2"),
     (["--warmup_ratio", "0.1", "--warmup_steps", "5"], "warmup_ratio and warmup_steps are both set"),
+    (["--interleave_probs", "a,b"], "interleave_probs must be comma-separated numbers >= 0"),
+    (["--interleave_probs", "0.5,-0.5"], "interleave_probs must be comma-separated numbers >= 0"),
+    (["--interleave_probs", "0,0"], "summing to more than 0"),
+    (["--interleave_probs", "nan,1"], "got 'nan,1'"),
+    (["--interleave_probs", "0.5,"], "got '0.5,'"),
+    (["--val_size", "1.5"], "val_size must be 0, a fraction in (0, 1) or a whole number >= 1"),
+    (["--val_size", "-0.1"], "val_size must be 0, a fraction in (0, 1) or a whole number >= 1"),
+    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be >= 1, got 0"),
+    (["--per_device_eval_batch_size", "0"], "per_device_eval_batch_size must be >= 1, got 0"),
+    (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be >= 1, got 0"),
 ])
 def test_bad_options_name_the_fix(argv, message):
     with pytest.raises(LmforgeError) as err:
         parse_train_config(["--output_dir", "o", *argv])
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("val_size", ["0", "0.25", "3", "3.0"])
+def test_val_size_accepts_zero_fractions_and_whole_counts(val_size):
+    assert parse_train_config(["--output_dir", "o", "--val_size", val_size]).data.val_size == float(val_size)
+
+
+def test_interleave_probs_are_parsed_once_as_numbers():
+    c = parse_train_config(["--output_dir", "o", "--interleave_probs", "2,1,0"])
+    assert c.data.interleave_weights == [2.0, 1.0, 0.0]
 
 
 def test_yaml_errors_name_file_and_line(tmp_path):
