@@ -1,3 +1,5 @@
+"""`python -m lmforge`: the same entry point as the `lmforge` command."""
+
 import sys
 
 from lmforge.cli import main

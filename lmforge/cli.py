@@ -204,6 +204,7 @@ def command_groups(name: str) -> tuple[type, ...]:
 
 
 def command_help(name: str) -> str:
+    """The --help text of one command: its usage, its docstring and the options it reads."""
     from lmforge.config.parser import format_help
 
     head = f"usage: lmforge {name} [CONFIG.yaml] [--key value ...]\n\n{COMMANDS[name].__doc__ or ''}"

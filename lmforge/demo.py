@@ -28,6 +28,7 @@ def _show(title: str, answers: dict[str, str]) -> None:
 
 
 def run_demo(config: TrainConfig) -> dict[str, Any]:
+    """Ask the base model, train LoRA SFT on the identity data, ask again, and print what changed."""
     from lmforge.train.recipe import run_stage
 
     start = time.perf_counter()

@@ -36,6 +36,7 @@ def _devices() -> list[str]:
 
 
 def environment_report() -> str:
+    """Versions of lmforge, python, torch (and its CUDA), the key packages and the devices, for bug reports."""
     import torch
 
     from lmforge import __version__

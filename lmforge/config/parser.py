@@ -14,9 +14,19 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lmforge.config.args import (BUILTIN_REWARDS, DataArguments, DoctorArguments, ExportArguments,
-                                 FinetuningArguments, GenerationArguments, LaunchArguments, ModelArguments,
-                                 RLArguments, ScoreArguments, TrainingArguments)
+from lmforge.config.args import (
+    BUILTIN_REWARDS,
+    DataArguments,
+    DoctorArguments,
+    ExportArguments,
+    FinetuningArguments,
+    GenerationArguments,
+    LaunchArguments,
+    ModelArguments,
+    RLArguments,
+    ScoreArguments,
+    TrainingArguments,
+)
 from lmforge.errors import LmforgeError
 from lmforge.stages import BOUND_OPTIONS, STAGES, owners_of
 
@@ -121,6 +131,7 @@ TYPE_OVERRIDES: dict[str, Any] = {"fsdp": Union[bool, str, None]}
 
 
 def field_types(cls: type) -> dict[str, Any]:
+    """Each init field's type, with TYPE_OVERRIDES where transformers types a field narrower than it takes."""
     hints = typing.get_type_hints(cls)
     return {name: TYPE_OVERRIDES.get(name, hints.get(name, Any)) for name in init_fields(cls)}
 
@@ -227,6 +238,7 @@ def coerce_option(name: str, value: Any, tp: Any) -> Any:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config into a dict, naming file and line when it does not parse."""
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"config file not found: {path}")
@@ -269,6 +281,7 @@ def split_cli(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
 
 
 def all_option_names(groups: tuple[type, ...] = GROUPS) -> dict[str, type]:
+    """Every option name mapped to the dataclass that owns it, to route and check YAML keys."""
     return {name: cls for cls in groups for name in init_fields(cls)}
 
 

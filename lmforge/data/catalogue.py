@@ -64,6 +64,7 @@ def resolve_datasets(names: str | None, dataset_dir: str) -> list[DatasetSpec]:
 
 
 def read_dataset_info(path: Path) -> dict[str, Any]:
+    """Read a dataset_info.json catalogue, naming file and line when it is not valid JSON."""
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:

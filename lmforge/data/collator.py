@@ -56,6 +56,7 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
 
 
 def position_ids_for(lengths: list[list[int]], width: int) -> torch.Tensor:
+    """Position ids restarting at 0 for each packed sequence: each sample sees the positions it has alone."""
     pos = torch.zeros(len(lengths), width, dtype=torch.long)
     for row, parts in enumerate(lengths):
         ids = torch.cat([torch.arange(n) for n in parts])

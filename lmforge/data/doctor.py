@@ -23,6 +23,7 @@ GREEN, RESET = "\033[1;32m", "\033[0m"
 
 @dataclass
 class DataReport:
+    """What `lmforge doctor` found in a dataset: row counts, invalid rows, duplicates, lengths, truncation."""
     rows: dict[str, int] = field(default_factory=dict)
     invalid: list[str] = field(default_factory=list)
     duplicates: int = 0
@@ -72,6 +73,7 @@ def _length_stats(lengths: np.ndarray) -> dict[str, float]:
 
 
 def save_histogram(lengths: np.ndarray, cutoff: int, path: Path) -> Path:
+    """Plot the token-length histogram with the cutoff_len line, to show how much truncation cuts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,6 +98,7 @@ def _encode(ds: Any, tokenizer: Any, template: Renderer, policy: MaskPolicy) -> 
 
 def check_sft(args: DataArguments, tokenizer: Any, original_template: str | None, seed: int, show: int,
               report_dir: Path, color: bool) -> DataReport:
+    """Check an SFT dataset: invalid and duplicate rows, token lengths, truncation and the share of loss tokens."""
     checked = copy.copy(args)
     checked.skip_invalid_examples = True  # report every invalid row instead of stopping at the first
     load = LoadReport()
@@ -130,6 +133,7 @@ def _template_warning(template: Renderer, tokenizer: Any, original: str | None, 
 
 
 def check_pt(args: DataArguments, tokenizer: Any, seed: int, report_dir: Path) -> DataReport:
+    """Check a pre-training dataset: invalid and duplicate rows and token lengths."""
     load = LoadReport()
     ds = load_conversations(args.dataset, args, "pt", seed, args.preprocessing_num_workers, load)
     texts = [t for t in ds["_text"]]

@@ -77,6 +77,7 @@ def _text(value: Any, what: str) -> str:
 
 
 def alpaca_converter(spec: DatasetSpec, present: list[str]) -> Converter:
+    """A converter from alpaca rows (instruction, input, output, history) to the shared turn columns."""
     cols = {k: spec.column(k) for k in ("prompt", "query", "response", "history", "system")}
     for key in ("query", "history", "system"):  # optional unless the catalogue maps them explicitly
         if key not in spec.columns:
@@ -104,6 +105,7 @@ def alpaca_converter(spec: DatasetSpec, present: list[str]) -> Converter:
 
 
 def sharegpt_converter(spec: DatasetSpec, present: list[str]) -> Converter:
+    """A converter from sharegpt or openai message lists to the shared turn columns."""
     column = spec.columns.get("messages", "messages" if spec.formatting == "openai" else "conversations")
     system_column = spec.column("system")
     require_columns(spec, {"messages": column, "system": system_column}, present)
@@ -148,6 +150,7 @@ def validate_conversation(messages: list[dict[str, str]]) -> list[dict[str, str]
 
 
 def fill_placeholders(text: str, values: dict[str, str]) -> str:
+    """Replace each `{{key}}` in text with its value."""
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", value)
     return text
@@ -184,6 +187,7 @@ def convert_rows(ds: Any, spec: DatasetSpec, convert: RowConverter, features: di
 
 
 def fill_turns(messages: list[dict[str, str]], fill: Callable[[str], str]) -> list[dict[str, str]]:
+    """The messages with `fill` applied to each content, roles unchanged."""
     return [{"role": m["role"], "content": fill(m["content"])} for m in messages]
 
 

@@ -18,8 +18,18 @@ import datasets
 import numpy as np
 
 from lmforge.data.catalogue import DatasetSpec
-from lmforge.data.formats import (TURN_FEATURES, RowError, _text, alpaca_converter, convert_rows, detect_turn_format,
-                                  fill_turns, require_columns, sharegpt_converter, split_system)
+from lmforge.data.formats import (
+    TURN_FEATURES,
+    RowError,
+    _text,
+    alpaca_converter,
+    convert_rows,
+    detect_turn_format,
+    fill_turns,
+    require_columns,
+    sharegpt_converter,
+    split_system,
+)
 from lmforge.data.processors import DROPPED, IGNORE_INDEX, KEPT, TRUNCATED, MaskPolicy, encode_conversation
 from lmforge.data.templates import Renderer, bind_template
 

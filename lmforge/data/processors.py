@@ -17,6 +17,7 @@ KEPT, TRUNCATED, DROPPED = 0, 1, 2
 
 @dataclass(frozen=True)
 class MaskPolicy:
+    """How SFT examples are cut and which tokens are masked out of the loss."""
     cutoff_len: int
     train_on_prompt: bool = False
     mask_history: bool = False

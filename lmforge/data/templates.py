@@ -33,11 +33,13 @@ class Turn:
 
 @dataclass(frozen=True)
 class Rendered:
+    """A conversation rendered to text, with the character span of each turn, to label tokens by turn."""
     text: str
     turns: tuple[Turn, ...]
 
 
 class Renderer(Protocol):
+    """What every chat template provides: render a conversation, or its prompt for generation."""
     name: str
     stop_words: tuple[str, ...]
 
@@ -66,6 +68,7 @@ class TemplateSpec:
 
 @lru_cache(maxsize=1)
 def load_catalogue() -> dict[str, TemplateSpec]:
+    """Read templates.yaml into TemplateSpecs, refusing unknown slots."""
     raw = yaml.safe_load(CATALOGUE_PATH.read_text(encoding="utf-8"))
     known = {f.name for f in fields(TemplateSpec)}
     catalogue = {}
@@ -79,6 +82,7 @@ def load_catalogue() -> dict[str, TemplateSpec]:
 
 
 def template_names() -> list[str]:
+    """The names `template` accepts: `auto` and every catalogue entry."""
     return ["auto", *load_catalogue()]
 
 
@@ -154,6 +158,7 @@ def _jinja_slot(slot: str, content_expr: str) -> str:
 
 
 def jinja_from_spec(spec: TemplateSpec) -> str:
+    """The Jinja chat template equivalent to a TemplateSpec, saved beside the model for other tools."""
     trim = " | trim" if spec.strip_content else ""
     default = json.dumps(spec.default_system)
     out = [

@@ -18,8 +18,17 @@ from typing import Any, Callable
 import datasets
 
 from lmforge.data.catalogue import DatasetSpec
-from lmforge.data.formats import (TURN_FEATURES, RowError, alpaca_converter, convert_rows, detect_turn_format,
-                                  fill_turns, require_columns, sharegpt_converter, split_system)
+from lmforge.data.formats import (
+    TURN_FEATURES,
+    RowError,
+    alpaca_converter,
+    convert_rows,
+    detect_turn_format,
+    fill_turns,
+    require_columns,
+    sharegpt_converter,
+    split_system,
+)
 from lmforge.data.pairwise import answer_text, answer_tokens, fit_cutoff, prompt_messages, validate_prompt
 from lmforge.data.templates import Renderer, bind_template
 

@@ -20,6 +20,7 @@ PROBE = "The quick brown fox jumps over the lazy dog. 1, 2, 3: lmforge checks th
 
 
 def check_export_dir(path: str | None) -> Path:
+    """The export folder, refused when not given or not empty, so nothing is overwritten."""
     if not path:
         raise LmforgeError("export_dir is required: where to write the merged model")
     out = Path(path)
@@ -34,6 +35,7 @@ def _is_quantized(model: Any) -> bool:
 
 @torch.inference_mode()
 def probe_logits(model: Any, tokenizer: Any) -> torch.Tensor:
+    """The model's logits on a fixed probe text, to check the merged model matches base plus adapter."""
     ids = tokenizer(PROBE, return_tensors="pt")["input_ids"].to(model.device)
     return model(input_ids=ids).logits.double()  # (1, T, V)
 
@@ -73,6 +75,7 @@ def merge_adapters(model: Any, tokenizer: Any, adapters: list[str], tolerance: f
 
 
 def run_export(model_args: ModelArguments, args: ExportArguments) -> dict[str, Any]:
+    """Merge the adapters into the full-precision base model and save it, checked against the unmerged model."""
     if model_args.quantization_bit:
         raise LmforgeError(f"cannot merge into a {model_args.quantization_bit}-bit base: remove quantization_bit, "
                            "so the adapter (QLoRA's too) merges into the full-precision base model")

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 def split_names(value: str | None) -> list[str]:
+    """Split a comma-separated option into its non-empty, stripped names."""
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
@@ -82,6 +83,7 @@ def _upcast_trainable(model: nn.Module) -> None:
 
 
 def setup_full(model: nn.Module) -> nn.Module:
+    """Full fine-tuning: every parameter trainable."""
     for p in model.parameters():
         p.requires_grad_(True)
     _upcast_trainable(model)
@@ -89,6 +91,7 @@ def setup_full(model: nn.Module) -> nn.Module:
 
 
 def setup_freeze(model: nn.Module, args: FinetuningArguments) -> nn.Module:
+    """Freeze fine-tuning: train only the chosen blocks (and modules), the rest frozen."""
     prefix, layers = decoder_layers(model)
     n = args.freeze_trainable_layers
     if abs(n) > len(layers):
@@ -125,6 +128,7 @@ def _load_adapters(model: nn.Module, paths: list[str]) -> nn.Module:
 
 
 def setup_lora(model: nn.Module, args: FinetuningArguments, model_args: ModelArguments) -> nn.Module:
+    """Wrap the model with LoRA adapters, new or loaded from adapter_name_or_path."""
     from peft import LoraConfig, get_peft_model
 
     adapters = split_names(model_args.adapter_name_or_path)

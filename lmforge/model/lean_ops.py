@@ -41,6 +41,7 @@ class SiluMul(torch.autograd.Function):
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, through SiluMul when a gradient is needed, to save activation memory."""
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return SiluMul.apply(gate, up)
     return nn.functional.silu(gate) * up

@@ -18,6 +18,7 @@ LOG_NAME = "trainer_log.jsonl"
 
 
 def read_log(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's JSONL trainer log, or none when it has no log."""
     path = Path(output_dir) / LOG_NAME
     if not path.is_file():
         return []

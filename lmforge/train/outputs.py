@@ -70,6 +70,7 @@ def build_results(train_metrics: dict[str, Any], eval_metrics: dict[str, Any] | 
 
 
 def write_results(output_dir: str | Path, results: dict[str, Any]) -> Path:
+    """Write the run's results to all_results.json in output_dir."""
     path = Path(output_dir) / "all_results.json"
     path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     return path

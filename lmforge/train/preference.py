@@ -16,8 +16,14 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, RewardConfig, Rewa
 
 from lmforge.config import TrainConfig
 from lmforge.model.loader import load_model
-from lmforge.train.recipe import (build_model, finish_trainer, prepare_run, train_and_report, trainer_callbacks,
-                                  trl_config)
+from lmforge.train.recipe import (
+    build_model,
+    finish_trainer,
+    prepare_run,
+    train_and_report,
+    trainer_callbacks,
+    trl_config,
+)
 from lmforge.train.trainer import EngineMixin
 
 REFERENCE_FREE = ("orpo", "simpo")

@@ -27,6 +27,7 @@ ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
 
 
 def normalise(text: str) -> str:
+    """Collapse whitespace and case, so answers compare by content."""
     return " ".join(text.split()).casefold()
 
 

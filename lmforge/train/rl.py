@@ -12,8 +12,14 @@ from trl import GRPOConfig, GRPOTrainer
 from lmforge.config import TrainConfig
 from lmforge.data.templates import get_template, stop_token_ids
 from lmforge.errors import LmforgeError
-from lmforge.train.recipe import (build_model, finish_trainer, prepare_run, train_and_report, trainer_callbacks,
-                                  trl_config)
+from lmforge.train.recipe import (
+    build_model,
+    finish_trainer,
+    prepare_run,
+    train_and_report,
+    trainer_callbacks,
+    trl_config,
+)
 from lmforge.train.rewards import build_reward_funcs
 from lmforge.train.trainer import EngineMixin
 
