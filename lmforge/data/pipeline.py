@@ -34,6 +34,7 @@ STAT_COLUMNS = ("_status", "_loss_tokens")
 
 @dataclass
 class DataSummary:
+    """What the data became: rows read, examples kept, truncated and dropped, tokens, loss share."""
     rows: int = 0
     examples: int = 0
     truncated: int = 0
@@ -56,12 +57,14 @@ class DataSummary:
 
 @dataclass
 class PreparedData:
+    """Tokenized train and eval splits with their summary."""
     train: Any
     eval: Any | None
     summary: DataSummary
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of the vocabulary, chat template and special tokens: the cache's tokenizer part."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
@@ -71,6 +74,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def cache_key(args: DataArguments, stage: str, seed: int, specs: list[DatasetSpec], tokenizer: Any) -> str:
+    """The cache folder name: a hash over the data files, the options that change tokenization, and the tokenizer."""
     keyed = {
         "version": [__version__, PROCESSING_VERSION],
         "stage": stage, "seed": seed,
@@ -88,6 +92,7 @@ def cache_key(args: DataArguments, stage: str, seed: int, specs: list[DatasetSpe
 
 @dataclass
 class LoadReport:
+    """Rows read per dataset and the invalid rows skipped (file:line: reason)."""
     rows: dict[str, int] = field(default_factory=dict)  # rows read per dataset
     invalid: list[str] = field(default_factory=list)  # "file:line: reason" of skipped rows
 
@@ -266,6 +271,7 @@ def _quiet_datasets() -> Iterator[None]:
 
 
 def load_prepared(path: Path, source: str) -> PreparedData:
+    """Tokenized data saved by `save_prepared` (memory-mapped), labelled with where it came from."""
     if not (path / "data").is_dir():
         raise LmforgeError(f"{path} is not a tokenized dataset written by `lmforge preprocess`")
     dd = datasets.load_from_disk(str(path / "data"))

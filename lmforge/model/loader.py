@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import yaml
 
-from lmforge.config import ModelArguments
 from lmforge.cache import cache_root
+from lmforge.config import ModelArguments
 from lmforge.errors import LmforgeError
 
 logger = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @lru_cache(maxsize=1)
 def load_aliases() -> dict[str, dict[str, str]]:
+    """The model aliases that resolve offline (model/aliases.yaml)."""
     return yaml.safe_load(ALIASES_PATH.read_text(encoding="utf-8"))
 
 
@@ -99,6 +100,7 @@ def resolve_model_path(name: str | None) -> str:
 
 
 def load_tokenizer(args: ModelArguments) -> Any:
+    """The tokenizer of tokenizer_name_or_path or the model, with a pad token (EOS when it has none)."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(args.tokenizer_name_or_path or args.model_name_or_path)

@@ -11,8 +11,8 @@ from lmforge.cli import main
 from lmforge.config import DataArguments
 from lmforge.config.parser import parse_train_config
 from lmforge.data.pipeline import build_datasets
-from lmforge.train.recipe import build_model, prepare_tokenizer
 from lmforge.train.preference import LmforgeKTOTrainer, _kto_config
+from lmforge.train.recipe import build_model, prepare_tokenizer
 
 
 def test_rows_are_rendered_and_masked_like_sft(smol_tokenizer, data_dir):

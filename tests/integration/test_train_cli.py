@@ -5,8 +5,8 @@ import math
 from pathlib import Path
 
 import pytest
-from launch_helpers import free_port
 import torch
+from launch_helpers import free_port
 from safetensors.torch import load_file
 
 from lmforge.cli import main
@@ -134,10 +134,9 @@ def test_preprocess_then_train_from_tokenized_path(tmp_path, tiny_llama_dir, cap
 
 
 def test_second_run_loads_the_cache_instead_of_tokenizing(tiny_llama_dir):
-    from lmforge.config import DataArguments
+    from lmforge.config import DataArguments, ModelArguments
     from lmforge.data.pipeline import get_datasets
     from lmforge.model.loader import load_tokenizer
-    from lmforge.config import ModelArguments
 
     tok = load_tokenizer(ModelArguments(model_name_or_path=str(tiny_llama_dir)))
     args = DataArguments(dataset="sharegpt_demo", dataset_dir=str(ROOT / "data"), cutoff_len=96)

@@ -10,7 +10,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-
 def _rank(rank: int, port: int, results: "mp.Queue") -> None:
     from lmforge.train.callbacks import StopOnSignal
 

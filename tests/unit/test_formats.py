@@ -5,9 +5,17 @@ import datasets
 import pytest
 
 from lmforge.data.catalogue import DatasetSpec
-from lmforge.data.formats import (RowError, alpaca_converter, detect_formatting, detect_turn_format,
-                                  fill_placeholders, sharegpt_converter, split_system, to_conversations,
-                                  validate_conversation)
+from lmforge.data.formats import (
+    RowError,
+    alpaca_converter,
+    detect_formatting,
+    detect_turn_format,
+    fill_placeholders,
+    sharegpt_converter,
+    split_system,
+    to_conversations,
+    validate_conversation,
+)
 from lmforge.errors import LmforgeError
 
 

@@ -47,9 +47,8 @@ def test_frozen_head_gets_no_gradient_and_head_sees_nothing():
 
 
 def test_only_plain_linear_heads_are_chunked(tiny_llama_dir):
-    from transformers import AutoModelForCausalLM
-
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     assert chunkable_head(model) is model.lm_head

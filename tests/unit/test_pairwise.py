@@ -6,8 +6,15 @@ import pytest
 
 from lmforge.data.catalogue import DatasetSpec
 from lmforge.data.formats import RowError
-from lmforge.data.pairwise import (answer_text, answer_tokens, encode_pairs_batch, fit_cutoff, prompt_messages,
-                                   to_pairs, validate_pair)
+from lmforge.data.pairwise import (
+    answer_text,
+    answer_tokens,
+    encode_pairs_batch,
+    fit_cutoff,
+    prompt_messages,
+    to_pairs,
+    validate_pair,
+)
 from lmforge.data.processors import DROPPED, KEPT, TRUNCATED
 from lmforge.data.templates import get_template
 from lmforge.errors import LmforgeError

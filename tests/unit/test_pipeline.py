@@ -10,8 +10,18 @@ import pytest
 
 from lmforge.config import DataArguments
 from lmforge.data.catalogue import resolve_datasets
-from lmforge.data.pipeline import (DataSummary, LoadReport, _finish, _split, build_datasets, cache_key, count_tokens,
-                                   get_datasets, load_conversations, with_length_column)
+from lmforge.data.pipeline import (
+    DataSummary,
+    LoadReport,
+    _finish,
+    _split,
+    build_datasets,
+    cache_key,
+    count_tokens,
+    get_datasets,
+    load_conversations,
+    with_length_column,
+)
 from lmforge.data.processors import DROPPED, KEPT, TRUNCATED
 from lmforge.errors import LmforgeError
 

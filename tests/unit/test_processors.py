@@ -2,8 +2,16 @@
 
 import pytest
 
-from lmforge.data.processors import (DROPPED, IGNORE_INDEX, KEPT, TRUNCATED, MaskPolicy, encode_pt_batch,
-                                     encode_pt_documents, encode_sft_batch)
+from lmforge.data.processors import (
+    DROPPED,
+    IGNORE_INDEX,
+    KEPT,
+    TRUNCATED,
+    MaskPolicy,
+    encode_pt_batch,
+    encode_pt_documents,
+    encode_sft_batch,
+)
 from lmforge.data.templates import get_template
 
 TURNS = [
