@@ -112,6 +112,24 @@ def resolve_resume(output_dir: str, requested: str | None, fingerprint: str, ove
     return str(newest)
 
 
+def unstaged_path(path: str | None, run_dir: Path) -> str | None:
+    """A checkpoint path recorded while output_dir pointed at the staging folder, at its final place."""
+    if path is None or Path(path).parent != run_dir / STAGING:
+        return path
+    return str(run_dir / Path(path).name)
+
+
+def record_best(folder: Path, best: str | None) -> None:
+    """Write the final best_model_checkpoint into a checkpoint's trainer_state.json (before its manifest)."""
+    state_file = folder / "trainer_state.json"
+    if not state_file.is_file():
+        return
+    state = json.loads(state_file.read_text())
+    if state.get("best_model_checkpoint") != best:
+        state["best_model_checkpoint"] = best
+        state_file.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
 def rotate(output_dir: str | Path, limit: int | None, protected: set[str]) -> None:
     """Keep the newest `limit` checkpoints, never deleting a protected one (the resume source)."""
     if not limit:

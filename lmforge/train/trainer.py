@@ -103,12 +103,16 @@ class EngineMixin:
         finally:
             self.args.output_dir, self.args.save_total_limit = output_dir, limit
         self.accelerator.wait_for_everyone()
+        # transformers recorded the best checkpoint under .staging; point it (and its saved copy) at the final path
+        best = self.state.best_model_checkpoint = ckpt.unstaged_path(self.state.best_model_checkpoint, run_dir)
         if self.is_world_process_zero():
+            ckpt.record_best(staged, best)
             ckpt.write_manifest(staged, self.fingerprint, self.state.global_step)
             if final.exists():
                 shutil.rmtree(final)  # a stale checkpoint of the same step from an earlier, abandoned run
             staged.rename(final)
-            ckpt.rotate(run_dir, limit, self.protected)
+            keep = self.protected | ({str(Path(best).resolve())} if best else set())  # never rotate the best away
+            ckpt.rotate(run_dir, limit, keep)
         self.accelerator.wait_for_everyone()
 
     def train(self, resume_from_checkpoint: str | None = None, *args: Any, **kwargs: Any) -> Any:

@@ -161,3 +161,33 @@ def test_a_second_ctrl_c_stops_at_once(tiny_llama_dir, tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "SIGINT: finishing this step" in err and "lmforge: interrupted" in err
     assert not (out / "model.safetensors").exists()
+
+
+def run_in_process(model_dir, out, *args):
+    from lmforge.cli import main
+
+    return main(["train", "--model_name_or_path", str(model_dir), "--dataset", "alpaca_demo", "--dataset_dir",
+                 str(ROOT / "data"), "--max_samples", "12", "--finetuning_type", "full",
+                 "--per_device_train_batch_size", "2", "--logging_steps", "1", "--seed", "3", "--report_to", "none",
+                 "--output_dir", str(out), *args])
+
+
+def test_best_checkpoint_is_recorded_at_its_final_path_and_kept(tiny_llama_dir, tmp_path):
+    """At this learning rate eval_loss rises after step 1, so the best checkpoint is the oldest one."""
+    from lmforge.train.checkpoints import checkpoint_problem
+
+    out = tmp_path / "best"
+    code = run_in_process(tiny_llama_dir, out, "--max_steps", "3", "--learning_rate", "3e-1", "--val_size", "4",
+                          "--eval_strategy", "steps", "--eval_steps", "1", "--save_steps", "1",
+                          "--load_best_model_at_end", "true", "--metric_for_best_model", "eval_loss",
+                          "--save_total_limit", "1")
+    assert code == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    evals = {r["step"]: r["eval_loss"] for r in state["log_history"] if "eval_loss" in r}
+    assert min(evals, key=evals.get) == 1 and evals[3] > evals[1]
+    best = Path(state["best_model_checkpoint"])
+    assert best == out / "checkpoint-1" and best.is_dir()  # not output_dir/.staging, and not rotated away
+    saved = json.loads((best / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert saved == str(best) and checkpoint_problem(best) is None  # the rewritten copy still matches its manifest
+    a, b = load_file(best / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the best model was loaded at the end and saved
