@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,27 @@ def record_best(folder: Path, best: str | None) -> None:
     if state.get("best_model_checkpoint") != best:
         state["best_model_checkpoint"] = best
         state_file.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def move_previous_run(output_dir: str | Path) -> Path | None:
+    """Move an overwritten run's checkpoint-N folders into output_dir/previous-run-<UTC time>, never deleting them.
+
+    Left in place, rotation (which keeps the highest steps) would delete the new run's checkpoints and
+    `resume_from_checkpoint: auto` would later resume the old run. Only the launch's rank 0 moves them.
+    """
+    found = checkpoints(output_dir)
+    if not found or os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0":
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = Path(output_dir) / f"previous-run-{stamp}"
+    suffix = 1
+    while target.exists():
+        target, suffix = Path(output_dir) / f"previous-run-{stamp}-{suffix}", suffix + 1
+    target.mkdir()
+    for folder in found:
+        folder.rename(target / folder.name)
+    logger.warning("overwrite_output_dir: moved %d checkpoints of the previous run to %s", len(found), target)
+    return target
 
 
 def rotate(output_dir: str | Path, limit: int | None, protected: set[str]) -> None:

@@ -22,7 +22,7 @@ from lmforge.model.adapters import record_base_model, setup_finetuning
 from lmforge.model.lean_ops import apply_lean_swiglu
 from lmforge.model.loader import check_weights, count_parameters, load_model, load_tokenizer, resolve_model_path
 from lmforge.train.callbacks import JsonlLogCallback, ProgressCallback, StopOnSignal, TrainingStopped
-from lmforge.train.checkpoints import STAGING, config_fingerprint, resolve_resume
+from lmforge.train.checkpoints import STAGING, config_fingerprint, move_previous_run, resolve_resume
 from lmforge.train.outputs import build_results, plot_losses, write_model_card, write_results
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ def plan_output_dir(config: TrainConfig, fingerprint: str) -> str | None:
         )
     if resume:
         logger.info("resuming from %s", resume)
+    elif t.overwrite_output_dir:
+        move_previous_run(out)
     return resume
 
 

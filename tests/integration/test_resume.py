@@ -191,3 +191,18 @@ def test_best_checkpoint_is_recorded_at_its_final_path_and_kept(tiny_llama_dir, 
     assert saved == str(best) and checkpoint_problem(best) is None  # the rewritten copy still matches its manifest
     a, b = load_file(best / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the best model was loaded at the end and saved
+
+
+def test_overwrite_moves_the_old_runs_checkpoints_aside(tiny_llama_dir, tmp_path, caplog):
+    out = tmp_path / "run"
+    assert run_in_process(tiny_llama_dir, out, "--max_steps", "4", "--save_steps", "1") == 0
+    with caplog.at_level("WARNING"):
+        assert run_in_process(tiny_llama_dir, out, "--max_steps", "2", "--save_steps", "1", "--save_total_limit", "2",
+                              "--overwrite_output_dir", "true") == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    for step in (1, 2):  # the new run's checkpoints, not rotated away in favour of the old run's 3 and 4
+        assert json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["max_steps"] == 2
+    [moved] = out.glob("previous-run-*")
+    assert sorted(p.name for p in moved.glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (1, 2, 3, 4)]
+    assert json.loads((moved / "checkpoint-4" / "trainer_state.json").read_text())["max_steps"] == 4
+    assert moved.name in caplog.text
