@@ -1,8 +1,8 @@
-"""Checkpoint bookkeeping that needs no training: moving an overwritten run aside."""
+"""Checkpoint bookkeeping that needs no training: moving an overwritten run aside, unstaged paths."""
 
 from pathlib import Path
 
-from lmforge.train.checkpoints import checkpoints, move_previous_run
+from lmforge.train.checkpoints import checkpoints, move_previous_run, unstaged_path
 
 
 def make_checkpoints(out: Path, *steps: int) -> None:
@@ -32,3 +32,8 @@ def test_only_rank_zero_moves_the_previous_run(tmp_path, monkeypatch):
     assert move_previous_run(tmp_path) is None
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2"]
 
+
+def test_a_path_recorded_under_staging_points_at_the_renamed_folder(tmp_path):
+    assert unstaged_path(str(tmp_path / ".staging" / "checkpoint-3"), tmp_path) == str(tmp_path / "checkpoint-3")
+    assert unstaged_path(str(tmp_path / "checkpoint-2"), tmp_path) == str(tmp_path / "checkpoint-2")
+    assert unstaged_path(None, tmp_path) is None
