@@ -33,6 +33,7 @@ def config_fingerprint(explicit: dict[str, Any]) -> str:
 
 
 def write_manifest(folder: Path, fingerprint: str, step: int) -> None:
+    """Record every file's size, the step and the config fingerprint: what resuming verifies."""
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
     (folder / MANIFEST).write_text(json.dumps({"step": step, "config": fingerprint, "files": files}, indent=1))
 
@@ -79,6 +80,7 @@ def newest_complete(output_dir: str | Path) -> Path | None:
 
 
 def checkpoint_config(folder: Path) -> str | None:
+    """The config fingerprint a checkpoint was written with, or None without a readable manifest."""
     try:
         return json.loads((folder / MANIFEST).read_text()).get("config")
     except (OSError, json.JSONDecodeError):
@@ -174,4 +176,5 @@ def ensure_disk_space(folder: Path, needed: int) -> None:
 
 
 def folder_size(folder: Path) -> int:
+    """Bytes in all files under folder: the estimate of the next checkpoint's size."""
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
