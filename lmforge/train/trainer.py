@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def is_mixture_of_experts(model: torch.nn.Module) -> bool:
+    """Whether the model routes tokens to experts (then DDP must look for unused parameters)."""
     config = getattr(model, "config", None)
     return any(getattr(config, key, None) for key in ("num_experts", "num_local_experts", "n_routed_experts"))
 
