@@ -54,7 +54,6 @@ class EngineMixin:
         self.add_callback(self.guard)
         self.add_callback(EngineReport(self))
         self._counts: dict[str, Any] = {"real": 0, "positions": 0, "rows": 0}
-        self._counted = False
         self._start = time.perf_counter()
         self._last_log = (self._start, {k: 0.0 for k in self._counts})
 
@@ -126,25 +125,22 @@ class EngineMixin:
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         drop_redundant_mask(inputs)
-        if model.training:
-            self._count_from_masks(inputs)
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if model.training:
-            loss = result[0] if isinstance(result, tuple) else result
-            self.guard.record_loss(loss)
+        if not model.training:
+            return self._model_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._count_batch(inputs)
+        result = self._model_loss(model, inputs, return_outputs, num_items_in_batch)
+        self.guard.record_loss(result[0] if isinstance(result, tuple) else result)
         return result
 
-    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
-        if isinstance(inputs, dict) and COUNT_KEYS[0] in inputs:  # lmforge's collators count what they built
-            counts = {k: inputs.pop(k) for k in COUNT_KEYS}
-            self._add_counts(counts["num_real_tokens"], counts["num_positions"], counts["num_rows"])
-            self._counted = True
-        return super().training_step(model, inputs, num_items_in_batch)
+    def _model_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any) -> Any:
+        """The loss itself: the trainer's own (TRL's for its stages); LmforgeTrainer's may be chunked."""
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    def _count_from_masks(self, inputs: dict[str, Any]) -> None:
-        """TRL's batches carry no counts: real tokens and positions from their attention masks."""
-        if self._counted:
-            self._counted = False
+    def _count_batch(self, inputs: dict[str, Any]) -> None:
+        """Real tokens, positions and rows of a training batch: lmforge's collators count what they built (the
+        counts are removed before the forward); TRL's batches are counted from their attention masks."""
+        if COUNT_KEYS[0] in inputs:
+            self._add_counts(*(inputs.pop(k) for k in COUNT_KEYS))
             return
         keys = [k for k in MASK_KEYS[0] if k in inputs] or [k for k in MASK_KEYS[1] if k in inputs]
         masks = [inputs[k] for k in keys if isinstance(inputs[k], torch.Tensor) and inputs[k].dim() == 2]
@@ -208,12 +204,9 @@ class LmforgeTrainer(EngineMixin, Trainer):
         logger.info("loss: chunked linear cross-entropy (no [batch, seq, %d] logits)", head.weight.shape[0])
         return head
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def _model_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any) -> Any:
         if getattr(self, "loss_head", None) is None or not model.training or "labels" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        drop_redundant_mask(inputs)
-        self._count_from_masks(inputs)
+            return super()._model_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels")
         with capture_head_input(self.loss_head) as captured:
             outputs = model(**inputs, use_cache=False)
@@ -221,7 +214,6 @@ class LmforgeTrainer(EngineMixin, Trainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # as Trainer.compute_loss: the gradient all-reduce averages, the token count was summed
             loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
-        self.guard.record_loss(loss)
         return (loss, outputs) if return_outputs else loss
 
 

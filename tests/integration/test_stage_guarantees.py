@@ -28,19 +28,19 @@ STAGE_ARGS = {
 
 def poison_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """Every loss of optimizer step `step` becomes NaN (after the model computed it, so backward spreads it),
-    in the mixin every trainer shares and in the pt/sft trainer's chunked loss."""
+    in the loss every trainer's mixin calls and in the pt/sft trainer's chunked loss."""
     for cls in (trainer_module.EngineMixin, trainer_module.LmforgeTrainer):
-        monkeypatch.setattr(cls, "compute_loss", _poisoned(cls.compute_loss, step))
+        monkeypatch.setattr(cls, "_model_loss", _poisoned(cls.__dict__["_model_loss"], step))
 
 
 def _poisoned(original, step: int):
-    def compute_loss(self, model, inputs, *args, **kwargs):
+    def model_loss(self, model, inputs, *args, **kwargs):
         result = original(self, model, inputs, *args, **kwargs)
         if model.training and self.state.global_step + 1 == step:
             return result * float("nan") if isinstance(result, torch.Tensor) else (result[0] * float("nan"), *result[1:])
         return result
 
-    return compute_loss
+    return model_loss
 
 
 def run(tmp_path: Path, stage: str, *extra: str) -> tuple[int, Path]:
