@@ -27,6 +27,21 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+def as_list(value: Any, name: str, item: type = str) -> list[Any] | None:
+    """A list option's value as a list of `item`: YAML lists and comma-separated strings alike; None stays None."""
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    try:
+        items = [item(p.strip() if isinstance(p, str) else p) for p in parts if not (isinstance(p, str) and not p.strip())]
+    except (TypeError, ValueError):
+        kind = "numbers" if item is float else "names"
+        raise LmforgeError(f"{name} must be {kind} (a YAML list or comma-separated), got {value!r}") from None
+    if item is float and not all(map(math.isfinite, items)):
+        raise LmforgeError(f"{name} must be finite numbers (a YAML list or comma-separated), got {value!r}")
+    return items
+
+
 def _opt(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field with its one-line help."""
     if isinstance(default, (dict, list)):
@@ -44,10 +59,10 @@ class ModelArguments:
     tokenizer_name_or_path: str | None = _opt(
         None, "Tokenizer directory when it differs from model_name_or_path (e.g. a from-scratch config)."
     )
-    adapter_name_or_path: str | None = _opt(
+    adapter_name_or_path: list[str] | None = _opt(
         None,
-        "LoRA adapter directory to start from; comma-separated for several: all but the last are "
-        "merged into the base, the last keeps training.",
+        "LoRA adapter directories to start from (a list, or comma-separated): all but the last are merged into "
+        "the base, the last keeps training.",
     )
     train_from_scratch: bool = _opt(
         False, "Random weights from the config at model_name_or_path (plus model_config overrides)."
@@ -76,6 +91,7 @@ class ModelArguments:
     double_quantization: bool = _opt(True, "4-bit: quantize the quantization constants too (~0.4 bit/param saved).")
 
     def __post_init__(self) -> None:
+        self.adapter_name_or_path = as_list(self.adapter_name_or_path, "adapter_name_or_path") or None
         if self.quantization_bit not in (None, 4, 8):
             raise LmforgeError(f"quantization_bit must be 4 or 8, got {self.quantization_bit}")
         if self.quantization_bit and self.train_from_scratch:
@@ -92,12 +108,12 @@ class ModelArguments:
 class DataArguments:
     """Which data to train on and how to turn it into token ids."""
 
-    dataset: str | None = _opt(
+    dataset: list[str] | None = _opt(
         None,
-        "Comma-separated dataset names from dataset_dir/dataset_info.json, or paths to json, jsonl, "
-        "csv, parquet or txt files or folders.",
+        "Dataset names from dataset_dir/dataset_info.json, or paths to json, jsonl, csv, parquet or txt files or "
+        "folders (a list, or comma-separated).",
     )
-    eval_dataset: str | None = _opt(None, "Datasets for evaluation, in the same form as `dataset`.")
+    eval_dataset: list[str] | None = _opt(None, "Datasets for evaluation, in the same form as `dataset`.")
     dataset_dir: str = _opt("data", "Folder holding dataset_info.json and the files it names.")
     template: str = _opt(
         "auto",
@@ -122,8 +138,8 @@ class DataArguments:
         "How several datasets are mixed: concat; interleave_under (stop at the first exhausted); "
         "interleave_over (oversample until all are exhausted).",
     )
-    interleave_probs: str | None = _opt(
-        None, "Comma-separated sampling probabilities for interleave_* strategies, one per dataset."
+    interleave_probs: list[float] | None = _opt(
+        None, "Sampling probabilities for interleave_* strategies, one per dataset (a list, or comma-separated)."
     )
     streaming: bool = _opt(False, "Stream the data instead of loading it all (needs max_steps; no cache).")
     preprocessing_num_workers: int | None = _opt(None, "Processes used to tokenize the data.")
@@ -151,6 +167,9 @@ class DataArguments:
     identity_author: str = _opt("lmforge", "Fills {{author}} in the built-in `identity` dataset: who made the model.")
 
     def __post_init__(self) -> None:
+        self.dataset = as_list(self.dataset, "dataset") or None
+        self.eval_dataset = as_list(self.eval_dataset, "eval_dataset") or None
+        self.interleave_probs = as_list(self.interleave_probs, "interleave_probs", float) or None
         if self.cutoff_len < 2:
             raise LmforgeError(f"cutoff_len must be at least 2, got {self.cutoff_len}")
         whole = self.val_size >= 1 and float(self.val_size).is_integer()
@@ -163,22 +182,10 @@ class DataArguments:
             raise LmforgeError("packing needs the whole dataset to place examples; set streaming: false or packing: false")
         if self.max_samples is not None and self.max_samples < 1:
             raise LmforgeError(f"max_samples must be >= 1, got {self.max_samples}")
-        _ = self.interleave_weights  # refuses a malformed interleave_probs before any data is read
-
-    @property
-    def interleave_weights(self) -> list[float] | None:
-        """interleave_probs as numbers, or None when unset."""
-        if not self.interleave_probs:
-            return None
-        text = str(self.interleave_probs)
-        try:
-            weights = [float(p) for p in text.split(",")]
-        except ValueError:
-            weights = []
-        if not weights or min(weights) < 0 or not sum(weights) > 0 or not all(map(math.isfinite, weights)):
-            raise LmforgeError(f"interleave_probs must be comma-separated numbers >= 0, one per dataset and "
-                               f"summing to more than 0 (e.g. 0.7,0.3), got {text!r}")
-        return weights
+        weights = self.interleave_probs
+        if weights is not None and (min(weights) < 0 or not sum(weights) > 0):
+            raise LmforgeError(f"interleave_probs must be numbers >= 0, one per dataset and summing to more than 0 "
+                               f"(e.g. [0.7, 0.3]), got {weights}")
 
 
 def reject_foreign_options(group: Any, key: str, owners: tuple[str, ...], names: tuple[str, ...],
@@ -209,22 +216,22 @@ class FinetuningArguments:
     lora_rank: int = _opt(8, "LoRA rank r.")
     lora_alpha: int | None = _opt(None, "LoRA alpha (scaling = alpha / r); default 2 x lora_rank.")
     lora_dropout: float = _opt(0.0, "Dropout on the LoRA branch.")
-    lora_target: str = _opt(
-        "all", "Comma-separated module names to adapt; `all` = every linear layer but the output head."
+    lora_target: list[str] = _opt(
+        ["all"], "Module names to adapt (a list, or comma-separated); `all` = every linear layer but the output head."
     )
-    additional_target: str | None = _opt(
-        None, "Comma-separated modules trained in full beside LoRA and saved with it (e.g. embed_tokens,lm_head)."
+    additional_target: list[str] | None = _opt(
+        None, "Modules trained in full beside LoRA and saved with it (a list, or comma-separated: embed_tokens,lm_head)."
     )
     use_dora: bool = _opt(False, "Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = _opt(False, "Rank-stabilised LoRA: scaling = alpha / sqrt(r).")
     freeze_trainable_layers: int = _opt(
         2, "freeze: how many transformer blocks train; positive = the last n, negative = the first n."
     )
-    freeze_trainable_modules: str = _opt(
-        "all", "freeze: comma-separated module names inside the trainable blocks (e.g. mlp,self_attn), or all."
+    freeze_trainable_modules: list[str] = _opt(
+        ["all"], "freeze: module names inside the trainable blocks (a list, or comma-separated: mlp,self_attn), or all."
     )
-    freeze_extra_modules: str | None = _opt(
-        None, "freeze: comma-separated modules outside the blocks that also train (e.g. embed_tokens,norm)."
+    freeze_extra_modules: list[str] | None = _opt(
+        None, "freeze: modules outside the blocks that also train (a list, or comma-separated: embed_tokens,norm)."
     )
     plot_loss: bool = _opt(True, "Save training_loss.png (and eval_loss.png) in output_dir.")
     pref_beta: float = _opt(
@@ -246,6 +253,12 @@ class FinetuningArguments:
     )
 
     def __post_init__(self) -> None:
+        for name in ("lora_target", "additional_target", "freeze_trainable_modules", "freeze_extra_modules"):
+            setattr(self, name, as_list(getattr(self, name), name))
+        if not self.lora_target or not self.freeze_trainable_modules:
+            raise LmforgeError("lora_target and freeze_trainable_modules need at least one module name (or all)")
+        self.additional_target = self.additional_target or None
+        self.freeze_extra_modules = self.freeze_extra_modules or None
         if self.pref_beta <= 0:
             raise LmforgeError(f"pref_beta must be > 0, got {self.pref_beta}")
         if self.pref_ftx < 0:
@@ -286,16 +299,16 @@ class RLArguments:
         None, "A reward model trained with stage rm (its output_dir: full model or LoRA adapter); it scores "
         "each sampled completion, rendered with the same template as in training."
     )
-    reward_funcs: str | None = _opt(
-        None, "Comma-separated reward functions: exact_match (1 when the completion, or its <answer>...</answer> "
+    reward_funcs: list[str] | None = _opt(
+        None, "Reward functions (a list, or comma-separated): exact_match (1 when the completion, or its <answer>...</answer> "
         "part, equals the row's `answer` column, case and spacing ignored), format (1 when the completion "
         "matches reward_format_regex), length (0 up to 3/4 of max_new_tokens, then falling to -1 at the "
         "limit: DAPO's soft overlong penalty), or module:function for your own (called with prompts, "
         "completions, completion_ids and every data column as keyword lists; returns one float per "
         "completion).",
     )
-    reward_weights: str | None = _opt(
-        None, "Comma-separated weights, one per reward source (reward_model first, then reward_funcs); "
+    reward_weights: list[float] | None = _opt(
+        None, "Weights, one per reward source (reward_model first, then reward_funcs; a list, or comma-separated); "
         "default 1 each."
     )
     reward_format_regex: str = _opt(
@@ -319,6 +332,8 @@ class RLArguments:
     )
 
     def __post_init__(self) -> None:
+        self.reward_funcs = as_list(self.reward_funcs, "reward_funcs") or None
+        self.reward_weights = as_list(self.reward_weights, "reward_weights", float) or None
         if self.num_generations < 2:
             raise LmforgeError(f"num_generations must be >= 2 (rewards are compared within a group), "
                                f"got {self.num_generations}")
@@ -337,7 +352,7 @@ class RLArguments:
 
     @property
     def functions(self) -> list[str]:
-        return [name.strip() for name in (self.reward_funcs or "").split(",") if name.strip()]
+        return list(self.reward_funcs or [])
 
     @property
     def sources(self) -> list[str]:
@@ -345,12 +360,7 @@ class RLArguments:
 
     @property
     def weights(self) -> list[float] | None:
-        if not self.reward_weights:
-            return None
-        try:
-            return [float(w) for w in str(self.reward_weights).split(",")]
-        except ValueError:
-            raise LmforgeError(f"reward_weights must be comma-separated numbers, got {self.reward_weights!r}") from None
+        return self.reward_weights
 
 
 @dataclass

@@ -209,6 +209,8 @@ def _coerce(value: Any, tp: Any) -> Any:  # noqa: C901 - one branch per type fam
             return [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, (list, tuple)):
             return list(value)
+        if isinstance(value, (int, float)):  # `interleave_probs: 1` in YAML: a list of one
+            return [value]
         raise _Mismatch
     return value
 

@@ -54,13 +54,14 @@ class DatasetSpec:
         return self.tags.get(key, defaults[key])
 
 
-def resolve_datasets(names: str | None, dataset_dir: str) -> list[DatasetSpec]:
-    """`a,b,path/to/file.jsonl` -> specs, catalogue names first, then paths."""
-    if not names:
+def resolve_datasets(names: list[str] | str | None, dataset_dir: str) -> list[DatasetSpec]:
+    """`[a, b, path/to/file.jsonl]` (or `a,b,...`) -> specs, catalogue names first, then paths."""
+    parts = names.split(",") if isinstance(names, str) else names or []
+    if not parts:
         return []
     info_path = Path(dataset_dir) / "dataset_info.json"
     info = read_dataset_info(info_path) if info_path.is_file() else {}
-    return [_resolve_one(n.strip(), info, info_path, Path(dataset_dir)) for n in names.split(",") if n.strip()]
+    return [_resolve_one(n.strip(), info, info_path, Path(dataset_dir)) for n in parts if n.strip()]
 
 
 def read_dataset_info(path: Path) -> dict[str, Any]:

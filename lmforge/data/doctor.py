@@ -13,7 +13,7 @@ import numpy as np
 
 from lmforge.config import DataArguments
 from lmforge.data.pipeline import LoadReport, load_conversations
-from lmforge.data.processors import DROPPED, IGNORE_INDEX, TRUNCATED, MaskPolicy, encode_sft_batch
+from lmforge.data.processors import IGNORE_INDEX, MaskPolicy, Status, encode_sft_batch
 from lmforge.data.templates import Renderer, get_template, template_mismatch
 from lmforge.errors import LmforgeError
 from lmforge.stages import STAGES
@@ -109,17 +109,17 @@ def check_sft(args: DataArguments, tokenizer: Any, original_template: str | None
     template = get_template(args.template, tokenizer)
     report.template_warning = _template_warning(template, tokenizer, original_template, ds)
     policy = MaskPolicy(args.cutoff_len, args.train_on_prompt, args.mask_history)
-    full = _encode(ds, tokenizer, template, MaskPolicy(10**9, args.train_on_prompt, args.mask_history))
+    full = _encode(ds, tokenizer, template, MaskPolicy(None, args.train_on_prompt, args.mask_history))
     cut = _encode(ds, tokenizer, template, policy)
     lengths = np.array([len(x) for x in full["input_ids"]])
     report.lengths = _length_stats(lengths)
-    report.truncated = sum(1 for s in cut["_status"] if s == TRUNCATED)
-    report.dropped = sum(1 for s in cut["_status"] if s == DROPPED)
+    report.truncated = sum(1 for s in cut["_status"] if s == Status.TRUNCATED)
+    report.dropped = sum(1 for s in cut["_status"] if s == Status.DROPPED)
     tokens = sum(len(x) for x in cut["input_ids"])
     report.loss_share = sum(cut["_loss_tokens"]) / tokens if tokens else 0.0
     if len(lengths):
         report.histogram = str(save_histogram(lengths, args.cutoff_len, report_dir / "length_histogram.png"))
-    kept = [i for i, s in enumerate(cut["_status"]) if s != DROPPED][:show]
+    kept = [i for i, s in enumerate(cut["_status"]) if s != Status.DROPPED][:show]
     report.examples = [highlight(tokenizer, cut["input_ids"][i], cut["labels"][i], color) for i in kept]
     return report
 

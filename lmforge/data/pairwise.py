@@ -30,7 +30,7 @@ from lmforge.data.formats import (
     sharegpt_converter,
     split_system,
 )
-from lmforge.data.processors import DROPPED, IGNORE_INDEX, KEPT, TRUNCATED, MaskPolicy, encode_conversation
+from lmforge.data.processors import IGNORE_INDEX, MaskPolicy, Status, encode_conversation
 from lmforge.data.templates import Renderer, bind_template
 
 PairConverter = Callable[[dict[str, Any]], tuple[str, list[dict[str, str]], str, str]]
@@ -140,21 +140,21 @@ def answer_tokens(template: Renderer, tokenizer: Any, system: str, messages: lis
     """(ids, first trained index, end of the trained span) of the prompt plus `answer` as the last turn."""
     rendered = template.render(system, [*messages, {"role": "assistant", "content": answer}])
     enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    policy = MaskPolicy(cutoff_len=10**9, mask_history=True)  # cut later, for both answers alike
+    policy = MaskPolicy(cutoff_len=None, mask_history=True)  # cut later, for both answers alike
     ids, labels, _ = encode_conversation(rendered, enc["input_ids"], enc["offset_mapping"], policy)
     trained = np.nonzero(np.asarray(labels) != IGNORE_INDEX)[0]
     return ids, int(trained[0]), int(trained[-1]) + 1
 
 
-def fit_cutoff(prompt: list[int], answers: list[list[int]], cutoff_len: int) -> tuple[list[int], list[list[int]], str]:
+def fit_cutoff(prompt: list[int], answers: list[list[int]], cutoff_len: int) -> tuple[list[int], list[list[int]], Status]:
     """(prompt, answers, status) within cutoff_len: a prompt of cutoff_len tokens or more drops the row
     (every part emptied); otherwise each answer is cut to the room the prompt leaves."""
     if len(prompt) >= cutoff_len:
-        return [], [[] for _ in answers], DROPPED
+        return [], [[] for _ in answers], Status.DROPPED
     room = cutoff_len - len(prompt)
     if max(len(a) for a in answers) > room:
-        return prompt, [a[:room] for a in answers], TRUNCATED
-    return prompt, answers, KEPT
+        return prompt, [a[:room] for a in answers], Status.TRUNCATED
+    return prompt, answers, Status.KEPT
 
 
 def encode_pairs_batch(batch: dict[str, list[Any]], tokenizer: Any, template: Renderer,

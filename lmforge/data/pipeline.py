@@ -23,7 +23,7 @@ from lmforge.data.catalogue import DatasetSpec, resolve_datasets
 from lmforge.data.formats import map_rows
 from lmforge.data.loader import load_raw
 from lmforge.data.packing import pack_dataset
-from lmforge.data.processors import DROPPED, TRUNCATED
+from lmforge.data.processors import Status
 from lmforge.errors import LmforgeError
 from lmforge.stages import get_stage
 
@@ -109,7 +109,7 @@ def _drop_invalid(ds: Any, report: LoadReport) -> Any:
     return ds.remove_columns("_invalid")
 
 
-def load_conversations(names: str | None, args: DataArguments, stage: str, seed: int, num_proc: int | None,
+def load_conversations(names: list[str] | None, args: DataArguments, stage: str, seed: int, num_proc: int | None,
                        report: LoadReport) -> Any:
     """Every dataset in `names` read, converted, limited to max_samples and mixed (None: no names)."""
     specs = resolve_datasets(names, args.dataset_dir)
@@ -138,7 +138,7 @@ def load_conversations(names: str | None, args: DataArguments, stage: str, seed:
 
 def _interleave_probabilities(args: DataArguments, n_datasets: int) -> list[float] | None:
     """interleave_probs scaled to sum to 1 (datasets requires it), one per dataset; None samples evenly."""
-    weights = args.interleave_weights
+    weights = args.interleave_probs
     if weights is None:
         return None
     if len(weights) != n_datasets:
@@ -173,11 +173,11 @@ def _finish(ds: datasets.Dataset, summary: DataSummary | None, what: str) -> dat
                            "lower cutoff_len or add data")
     status = ds["_status"]
     if summary is not None:
-        summary.truncated = sum(1 for s in status if s == TRUNCATED)
-        summary.dropped = sum(1 for s in status if s == DROPPED)
+        summary.truncated = sum(1 for s in status if s == Status.TRUNCATED)
+        summary.dropped = sum(1 for s in status if s == Status.DROPPED)
         summary.loss_tokens = sum(ds["_loss_tokens"])
-    if any(s == DROPPED for s in status):
-        ds = ds.filter(lambda s: s != DROPPED, input_columns="_status", desc="Dropping over-long rows")
+    if any(s == Status.DROPPED for s in status):
+        ds = ds.filter(lambda s: s != Status.DROPPED, input_columns="_status", desc="Dropping over-long rows")
     return ds.remove_columns(list(STAT_COLUMNS))
 
 

@@ -3,6 +3,7 @@ whole turns at cutoff_len. pt: add BOS/EOS, concatenate, cut into blocks."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
@@ -12,13 +13,20 @@ import numpy as np
 from lmforge.data.templates import Rendered, Renderer
 
 IGNORE_INDEX = -100
-KEPT, TRUNCATED, DROPPED = 0, 1, 2
+
+
+class Status(enum.IntEnum):
+    """What cutoff_len did to an example; stored as its integer in the `_status` column."""
+
+    KEPT = 0
+    TRUNCATED = 1
+    DROPPED = 2
 
 
 @dataclass(frozen=True)
 class MaskPolicy:
-    """How SFT examples are cut and which tokens are masked out of the loss."""
-    cutoff_len: int
+    """How SFT examples are cut (cutoff_len None: not at all) and which tokens are masked out of the loss."""
+    cutoff_len: int | None
     train_on_prompt: bool = False
     mask_history: bool = False
 
@@ -42,29 +50,29 @@ def token_roles(rendered: Rendered, offsets: list[tuple[int, int]]) -> tuple[np.
     return char_turn[starts.clip(max=n)], in_response
 
 
-def cut_turns(turn_of: np.ndarray, in_response: np.ndarray, cutoff: int) -> tuple[int, int, int]:
+def cut_turns(turn_of: np.ndarray, in_response: np.ndarray, cutoff: int | None) -> tuple[int, int, Status]:
     """(tokens kept, last kept turn, status): whole turns from the start; else the first reply is cut."""
     n = len(turn_of)
-    if n <= cutoff:
-        return n, int(turn_of[-1]) if n else 0, KEPT
+    if cutoff is None or n <= cutoff:
+        return n, int(turn_of[-1]) if n else 0, Status.KEPT
     ends = np.searchsorted(turn_of, np.arange(turn_of.max() + 1), side="right")  # token end of each turn
     fitting = np.nonzero(ends <= cutoff)[0]
     if len(fitting):
         last = int(fitting[-1])
-        return int(ends[last]), last, TRUNCATED
+        return int(ends[last]), last, Status.TRUNCATED
     first_response = np.nonzero(in_response & (turn_of == 0))[0]
     if len(first_response) and first_response[0] < cutoff:
-        return cutoff, 0, TRUNCATED
-    return 0, 0, DROPPED
+        return cutoff, 0, Status.TRUNCATED
+    return 0, 0, Status.DROPPED
 
 
 def encode_conversation(rendered: Rendered, ids: list[int], offsets: list[tuple[int, int]],
-                        policy: MaskPolicy) -> tuple[list[int], list[int], int]:
+                        policy: MaskPolicy) -> tuple[list[int], list[int], Status]:
     """(input_ids, labels, status) for one rendered conversation tokenized as a whole."""
     turn_of, in_response = token_roles(rendered, offsets)
     keep, last_turn, status = cut_turns(turn_of, in_response, policy.cutoff_len)
-    if status == DROPPED:
-        return [], [], DROPPED
+    if status == Status.DROPPED:
+        return [], [], Status.DROPPED
     ids_kept = ids[:keep]
     if policy.train_on_prompt:
         trained = np.ones(keep, dtype=bool)
@@ -73,7 +81,7 @@ def encode_conversation(rendered: Rendered, ids: list[int], offsets: list[tuple[
         if policy.mask_history:
             trained &= turn_of[:keep] == last_turn
     if not trained.any():
-        return [], [], DROPPED
+        return [], [], Status.DROPPED
     labels = np.where(trained, np.asarray(ids_kept, dtype=np.int64), IGNORE_INDEX).tolist()
     return ids_kept, labels, status
 
@@ -121,7 +129,7 @@ def encode_pt_batch(batch: dict[str, list[Any]], tokenizer: Any, block_size: int
     usable = len(stream) // block_size * block_size
     blocks = [stream[i:i + block_size] for i in range(0, usable, block_size)]
     out = {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": blocks}
-    out["_status"] = [KEPT] * len(blocks)
+    out["_status"] = [Status.KEPT] * len(blocks)
     out["_loss_tokens"] = [block_size] * len(blocks)
     return out
 
@@ -137,4 +145,4 @@ def encode_pt_documents(batch: dict[str, list[Any]], tokenizer: Any, block_size:
         ids = [*bos, *doc, *eos]
         pieces += [ids[i:i + block_size] for i in range(0, len(ids), block_size) if len(ids[i:i + block_size]) > 1]
     return {"input_ids": pieces, "attention_mask": [[1] * len(p) for p in pieces], "labels": pieces,
-            "_status": [KEPT] * len(pieces), "_loss_tokens": [len(p) for p in pieces]}
+            "_status": [Status.KEPT] * len(pieces), "_loss_tokens": [len(p) for p in pieces]}

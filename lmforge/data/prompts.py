@@ -30,7 +30,7 @@ from lmforge.data.formats import (
     split_system,
 )
 from lmforge.data.pairwise import prompt_messages, validate_prompt
-from lmforge.data.processors import DROPPED, KEPT
+from lmforge.data.processors import Status
 from lmforge.data.templates import Renderer, bind_template
 
 PromptConverter = Callable[[dict[str, Any]], tuple[str, list[dict[str, str]], str]]
@@ -111,7 +111,7 @@ def encode_prompts_batch(batch: dict[str, list[Any]], tokenizer: Any, template: 
         n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         out["prompt"].append(text)
         out["prompt_length"].append(n)
-        out["_status"].append(DROPPED if n > cutoff_len else KEPT)
+        out["_status"].append(Status.DROPPED if n > cutoff_len else Status.KEPT)
         out["_loss_tokens"].append(0)  # the trained tokens are sampled during training
     return out
 

@@ -17,9 +17,10 @@ from lmforge.model.loader import load_model, load_tokenizer
 logger = logging.getLogger(__name__)
 
 
-def split_names(value: str | None) -> list[str]:
-    """Split a comma-separated option into its non-empty, stripped names."""
-    return [v.strip() for v in (value or "").split(",") if v.strip()]
+def split_names(value: str | list[str] | None) -> list[str]:
+    """A list option's names (the option dataclasses already hold lists; a comma-separated string is split)."""
+    parts = value.split(",") if isinstance(value, str) else value or []
+    return [v.strip() for v in parts if v.strip()]
 
 
 def adapter_base_model(adapter_dir: str) -> str | None:

@@ -178,7 +178,7 @@ def write_reports(config: TrainConfig, results: dict[str, Any]) -> None:
         plot_losses(out, config.finetuning.spec.plots)
     write_model_card(
         out, base_model=str(config.model.model_name_or_path), stage=config.finetuning.stage,
-        method=config.finetuning.finetuning_type, datasets=str(config.data.dataset),
+        method=config.finetuning.finetuning_type, datasets=", ".join(config.data.dataset or []),
         hyperparameters=hyperparameters(config), results=results,
         is_adapter=config.finetuning.finetuning_type == "lora",
     )

@@ -63,6 +63,7 @@ def test_help_documents_every_option():
     proc = subprocess.run([sys.executable, "-m", "lmforge", "train", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0
-    for option in ("--stage {pt,sft,rm,dpo,kto,grpo,ppo}", "--reward_funcs str (default: None)", "--lora_target str (default: 'all')", "--cutoff_len int (default: 2048)",
+    for option in ("--stage {pt,sft,rm,dpo,kto,grpo,ppo}", "--reward_funcs list[str] (default: None)",
+                   "--lora_target list[str] (default: ['all'])", "--cutoff_len int (default: 2048)",
                    "whole turns are kept", "--gradient_checkpointing", "--overwrite_output_dir"):
         assert option in proc.stdout

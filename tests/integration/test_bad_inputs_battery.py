@@ -89,7 +89,7 @@ CASES = {
                                     "--interleave_probs", "0.5"], "interleave_probs has 1 values but 2 datasets"),
     "interleave probs not numbers": ({}, ["--dataset", "alpaca_demo,sharegpt_demo", "--mix_strategy",
                                           "interleave_under", "--interleave_probs", "a,b"],
-                                     "interleave_probs must be comma-separated numbers >= 0"),
+                                     "interleave_probs must be numbers (a YAML list or comma-separated)"),
     "interleave_over probability 0": ({}, ["--dataset", "alpaca_demo,sharegpt_demo", "--mix_strategy",
                                            "interleave_over", "--interleave_probs", "1,0"],
                                       "a dataset of probability 0 never is"),

@@ -35,11 +35,11 @@ def test_flag_without_value_is_true_and_warmup_ratio_maps_to_steps():
     (["--train_on_prompt", "--mask_history"], "contradict"),
     (["--cutoff_len", "1"], "cutoff_len must be at least 2"),
     (["--warmup_ratio", "0.1", "--warmup_steps", "5"], "warmup_ratio and warmup_steps are both set"),
-    (["--interleave_probs", "a,b"], "interleave_probs must be comma-separated numbers >= 0"),
-    (["--interleave_probs", "0.5,-0.5"], "interleave_probs must be comma-separated numbers >= 0"),
+    (["--interleave_probs", "a,b"], "interleave_probs must be numbers (a YAML list or comma-separated), got ['a', 'b']"),
+    (["--interleave_probs", "0.5,-0.5"], "interleave_probs must be numbers >= 0"),
     (["--interleave_probs", "0,0"], "summing to more than 0"),
-    (["--interleave_probs", "nan,1"], "got 'nan,1'"),
-    (["--interleave_probs", "0.5,"], "got '0.5,'"),
+    (["--interleave_probs", "nan,1"], "interleave_probs must be finite numbers"),
+    (["--reward_weights", "1,x"], "reward_weights must be numbers"),
     (["--val_size", "1.5"], "val_size must be 0, a fraction in (0, 1) or a whole number >= 1"),
     (["--val_size", "-0.1"], "val_size must be 0, a fraction in (0, 1) or a whole number >= 1"),
     (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be >= 1, got 0"),
@@ -59,7 +59,22 @@ def test_val_size_accepts_zero_fractions_and_whole_counts(val_size):
 
 def test_interleave_probs_are_parsed_once_as_numbers():
     c = parse_train_config(["--output_dir", "o", "--interleave_probs", "2,1,0"])
-    assert c.data.interleave_weights == [2.0, 1.0, 0.0]
+    assert c.data.interleave_probs == [2.0, 1.0, 0.0]
+
+
+def test_list_options_are_lists_from_yaml_lists_and_comma_strings(tmp_path):
+    cfg = tmp_path / "lists.yaml"
+    cfg.write_text("dataset: [alpaca_demo, sharegpt_demo]\nlora_target: q_proj, v_proj\ninterleave_probs: [1, 0.5]\n"
+                   "adapter_name_or_path: a,b\n")
+    c = parse_train_config([str(cfg), "--output_dir", "o", "--eval_dataset", "x.jsonl"])
+    assert c.data.dataset == ["alpaca_demo", "sharegpt_demo"] and c.data.eval_dataset == ["x.jsonl"]
+    assert c.finetuning.lora_target == ["q_proj", "v_proj"] and c.finetuning.additional_target is None
+    assert c.data.interleave_probs == [1.0, 0.5] and c.model.adapter_name_or_path == ["a", "b"]
+    assert parse_train_config(["--output_dir", "o", "--interleave_probs", "1"]).data.interleave_probs == [1.0]
+    assert parse_train_config(["--output_dir", "o", "--interleave_probs", "0.5,"]).data.interleave_probs == [0.5]
+    rl = parse_train_config(["--output_dir", "o", "--stage", "grpo", "--reward_funcs", "length, format",
+                             "--reward_weights", "1,2", "--dataset", "rl_demo"]).rl
+    assert rl.reward_funcs == ["length", "format"] and rl.reward_weights == [1.0, 2.0]
 
 
 def test_yaml_errors_name_file_and_line(tmp_path):

@@ -15,7 +15,7 @@ from lmforge.data.pairwise import (
     to_pairs,
     validate_pair,
 )
-from lmforge.data.processors import DROPPED, KEPT, TRUNCATED
+from lmforge.data.processors import Status
 from lmforge.data.templates import get_template
 from lmforge.errors import LmforgeError
 
@@ -131,7 +131,7 @@ def test_pair_ids_are_the_prompt_then_each_answer_with_its_end_token(smol_tokeni
     assert out["prompt_ids"] == ids(smol_tokenizer, CHATML_PROMPT)
     assert out["chosen_ids"] == ids(smol_tokenizer, "It is 4.<|im_end|>") == [1589, 314, 216, 36, 30, 2]
     assert out["rejected_ids"] == ids(smol_tokenizer, "It is 5.<|im_end|>") == [1589, 314, 216, 37, 30, 2]
-    assert (out["_status"], out["_loss_tokens"]) == (KEPT, 12)
+    assert (out["_status"], out["_loss_tokens"]) == (Status.KEPT, 12)
 
 
 def test_pair_ids_with_a_template_that_strips_and_has_no_suffix(llama3_tokenizer):
@@ -146,9 +146,9 @@ def test_pair_ids_with_a_template_that_strips_and_has_no_suffix(llama3_tokenizer
 
 def test_fit_cutoff():
     prompt, answers = [1, 2, 3], [[4, 5, 6], [7]]
-    assert fit_cutoff(prompt, answers, 6) == ([1, 2, 3], [[4, 5, 6], [7]], KEPT)
-    assert fit_cutoff(prompt, answers, 5) == ([1, 2, 3], [[4, 5], [7]], TRUNCATED)
-    assert fit_cutoff(prompt, answers, 3) == ([], [[], []], DROPPED)
+    assert fit_cutoff(prompt, answers, 6) == ([1, 2, 3], [[4, 5, 6], [7]], Status.KEPT)
+    assert fit_cutoff(prompt, answers, 5) == ([1, 2, 3], [[4, 5], [7]], Status.TRUNCATED)
+    assert fit_cutoff(prompt, answers, 3) == ([], [[], []], Status.DROPPED)
 
 
 def test_cutoff_cuts_both_answers_to_the_room_the_prompt_leaves(smol_tokenizer):
@@ -157,10 +157,10 @@ def test_cutoff_cuts_both_answers_to_the_room_the_prompt_leaves(smol_tokenizer):
     assert out["prompt_ids"] == prompt
     assert out["chosen_ids"] == ids(smol_tokenizer, "It is 4.<|im_end|>")[:3] == [1589, 314, 216]
     assert out["rejected_ids"] == ids(smol_tokenizer, "Five, of course.<|im_end|>")[:3]
-    assert (out["_status"], out["_loss_tokens"]) == (TRUNCATED, 6)
+    assert (out["_status"], out["_loss_tokens"]) == (Status.TRUNCATED, 6)
 
 
 def test_a_prompt_that_fills_cutoff_len_drops_the_pair(smol_tokenizer):
     out = encode(smol_tokenizer, "4", "5", cutoff_len=len(ids(smol_tokenizer, CHATML_PROMPT)))
     assert (out["prompt_ids"], out["chosen_ids"], out["rejected_ids"]) == ([], [], [])
-    assert (out["_status"], out["_loss_tokens"]) == (DROPPED, 0)
+    assert (out["_status"], out["_loss_tokens"]) == (Status.DROPPED, 0)

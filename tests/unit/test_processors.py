@@ -3,11 +3,9 @@
 import pytest
 
 from lmforge.data.processors import (
-    DROPPED,
     IGNORE_INDEX,
-    KEPT,
-    TRUNCATED,
     MaskPolicy,
+    Status,
     encode_pt_batch,
     encode_pt_documents,
     encode_sft_batch,
@@ -54,7 +52,7 @@ def test_single_turn_trains_exactly_the_reply_and_end_token(smol_tokenizer, syst
     input_ids, labels, status = encode(smol_tokenizer, system, TURNS[:2])
     prompt = ids(smol_tokenizer, head + FIRST_PROMPT)
     reply = ids(smol_tokenizer, FIRST_REPLY)
-    assert status == KEPT
+    assert status == Status.KEPT
     assert input_ids == prompt + reply + ids(smol_tokenizer, "\n")
     assert labels == [IGNORE_INDEX] * len(prompt) + reply + [IGNORE_INDEX]
 
@@ -81,7 +79,7 @@ def test_cutoff_keeps_whole_turns(smol_tokenizer):
     cutoff = len(ids(smol_tokenizer, first_turn + second_turn)) - 1
     input_ids, labels, status = encode(smol_tokenizer, "", TURNS, cutoff=cutoff)
     prompt, reply = ids(smol_tokenizer, SMOL_SYSTEM + FIRST_PROMPT), ids(smol_tokenizer, FIRST_REPLY)
-    assert status == TRUNCATED
+    assert status == Status.TRUNCATED
     assert input_ids == ids(smol_tokenizer, first_turn)
     assert labels == [IGNORE_INDEX] * len(prompt) + reply + [IGNORE_INDEX]
 
@@ -90,14 +88,14 @@ def test_cutoff_inside_first_reply_cuts_the_reply_not_the_prompt(smol_tokenizer)
     prompt = ids(smol_tokenizer, SMOL_SYSTEM + FIRST_PROMPT)
     input_ids, labels, status = encode(smol_tokenizer, "", TURNS, cutoff=len(prompt) + 2)
     reply_start = ids(smol_tokenizer, FIRST_REPLY)[:2]  # "Hello", "!": the end token is cut off
-    assert status == TRUNCATED
+    assert status == Status.TRUNCATED
     assert input_ids == prompt + reply_start
     assert labels == [IGNORE_INDEX] * len(prompt) + reply_start
     assert trained_runs(smol_tokenizer, labels) == ["Hello!"]
 
 
 def test_prompt_longer_than_cutoff_drops_the_example(smol_tokenizer):
-    assert encode(smol_tokenizer, "", TURNS, cutoff=5)[2] == DROPPED
+    assert encode(smol_tokenizer, "", TURNS, cutoff=5)[2] == Status.DROPPED
 
 
 def test_pt_blocks_have_bos_and_eos_around_each_document(smol_tokenizer):
@@ -109,7 +107,7 @@ def test_pt_blocks_have_bos_and_eos_around_each_document(smol_tokenizer):
     assert out["input_ids"] == [[1, 504, 4436, 2342, 4935, 30, 2, 1], [66, 660, 8739, 1163, 1834, 28, 284, 260]]
     assert out["labels"] == out["input_ids"]
     assert out["attention_mask"] == [[1] * 8, [1] * 8]
-    assert (out["_status"], out["_loss_tokens"]) == ([KEPT, KEPT], [8, 8])
+    assert (out["_status"], out["_loss_tokens"]) == ([Status.KEPT, Status.KEPT], [8, 8])
 
 
 def test_pt_documents_for_packing_are_split_never_joined(smol_tokenizer):
