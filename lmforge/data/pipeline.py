@@ -17,7 +17,7 @@ import datasets
 import pyarrow.compute as pc
 
 from lmforge import __version__
-from lmforge.cache import cache_root
+from lmforge.cache import cache_root, file_digest
 from lmforge.config import DataArguments
 from lmforge.data.catalogue import DatasetSpec, resolve_datasets
 from lmforge.data.formats import map_rows
@@ -83,8 +83,8 @@ def cache_key(args: DataArguments, stage: str, seed: int, specs: list[DatasetSpe
                                                   "mask_history", "dataset", "eval_dataset",
                                                   "identity_name", "identity_author", "packing",
                                                   "skip_invalid_examples")},
-        "files": [[s.name, s.formatting, s.columns, s.tags, s.num_samples,
-                   [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in s.files]] for s in specs],
+        "files": [[s.name, s.formatting, s.columns, s.tags, s.num_samples, s.ranking, s.placeholders,
+                   [[str(p.resolve()), file_digest(p)] for p in s.files]] for s in specs],
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
     return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -290,14 +290,15 @@ def get_datasets(args: DataArguments, stage: str, seed: int, tokenizer: Any) -> 
         return build_datasets(args, stage, seed, tokenizer)
     specs = resolve_datasets(args.dataset, args.dataset_dir) + resolve_datasets(args.eval_dataset, args.dataset_dir)
     cached = cache_root() / "datasets" / cache_key(args, stage, seed, specs, tokenizer)
+    data = None
     if cached.is_dir() and not args.overwrite_cache:
         try:
-            return load_prepared(cached, source=f"cache {cached}")
+            data = load_prepared(cached, source=f"cache {cached}")
         except Exception as err:  # a damaged cache entry is rebuilt, never fatal
             logger.warning("ignoring unreadable cache %s (%s)", cached, err)
-    data = build_datasets(args, stage, seed, tokenizer)
-    save_prepared(data, cached)
-    data = load_prepared(cached, source="tokenized now")  # memory-mapped from the cache
+    if data is None:
+        save_prepared(build_datasets(args, stage, seed, tokenizer), cached)
+        data = load_prepared(cached, source="tokenized now")  # memory-mapped from the cache
     if args.tokenized_path:
         save_prepared(data, Path(args.tokenized_path))
     return data
