@@ -392,6 +392,12 @@ class TrainingArguments(transformers.TrainingArguments):
         "A checkpoint folder, or auto: the newest whole checkpoint in output_dir (damaged ones are skipped "
         "with a warning). Unset, a run whose output_dir holds checkpoints of the same config resumes itself.",
     )
+    resume_on_changed_data: bool = _opt(
+        False,
+        "Resume even when the data files' contents, the deepspeed config, the lmforge version or the number of "
+        "processes differ from the checkpoint's run (each is named in a warning); otherwise such a resume is "
+        "refused, naming what changed.",
+    )
     warmup_ratio: float = _opt(0.0, "Fraction of the total steps used for linear warm-up (sets warmup_steps).")
     logging_steps: float = _opt(10, "Log every n optimizer steps (or a fraction of the total when < 1).")
     save_steps: float = _opt(500, "Save a checkpoint every n optimizer steps (or a fraction of the total when < 1).")

@@ -19,7 +19,8 @@ from lmforge.train.trainer import LmforgeTrainer
 logger = logging.getLogger(__name__)
 
 
-def build_trainer(config: TrainConfig, tokenizer: Any, data: Any, model: Any, fingerprint: str) -> LmforgeTrainer:
+def build_trainer(config: TrainConfig, tokenizer: Any, data: Any, model: Any,
+                  fingerprint: dict[str, Any]) -> LmforgeTrainer:
     """The trainer with lmforge's collator (padded or packed), logs and progress bar."""
     args = config.training
     packed = "lengths" in (data.train.column_names or [])

@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lmforge import __version__
+from lmforge.cache import file_digest
 from lmforge.errors import LmforgeError
 
 logger = logging.getLogger(__name__)
@@ -23,7 +25,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 RESUME_NEUTRAL = {"resume_from_checkpoint", "overwrite_output_dir", "output_dir", "max_steps", "num_train_epochs",
                   "save_steps", "save_total_limit", "logging_steps", "report_to", "preprocessing_num_workers",
                   "overwrite_cache", "plot_loss", "dataloader_num_workers", "nproc_per_node", "nnodes",
-                  "node_rank", "master_addr", "master_port"}
+                  "node_rank", "master_addr", "master_port", "resume_on_changed_data"}
 
 
 def config_fingerprint(explicit: dict[str, Any]) -> str:
@@ -32,10 +34,21 @@ def config_fingerprint(explicit: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def write_manifest(folder: Path, fingerprint: str, step: int) -> None:
-    """Record every file's size, the step and the config fingerprint: what resuming verifies."""
+def run_fingerprint(explicit: dict[str, Any], data_files: list[Path], deepspeed: Any,
+                    world_size: int) -> dict[str, Any]:
+    """What a run is besides its options: its data files' contents, its DeepSpeed JSON's content, the lmforge
+    version and the number of processes (which sets the global batch). A resume compares each with the
+    checkpoint's and names the ones that changed."""
+    return {"config": config_fingerprint(explicit), "lmforge": __version__, "world_size": world_size,
+            "data": {str(p.resolve()): file_digest(p) for p in data_files},
+            "deepspeed": file_digest(deepspeed) if isinstance(deepspeed, str) and Path(deepspeed).is_file() else None}
+
+
+def write_manifest(folder: Path, fingerprint: dict[str, Any], step: int) -> None:
+    """Record every file's size, the step and the run's fingerprint: what resuming verifies."""
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-    (folder / MANIFEST).write_text(json.dumps({"step": step, "config": fingerprint, "files": files}, indent=1))
+    manifest = {"step": step, "config": fingerprint.get("config"), "run": fingerprint, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -87,11 +100,50 @@ def checkpoint_config(folder: Path) -> str | None:
         return None
 
 
-def resolve_resume(output_dir: str, requested: str | None, fingerprint: str, overwrite: bool) -> str | None:
+def run_changes(folder: Path, fingerprint: dict[str, Any]) -> list[str]:
+    """How this run differs from the one that wrote the checkpoint, beyond its options (empty: not at all, or a
+    checkpoint written before lmforge recorded it)."""
+    try:
+        then = json.loads((folder / MANIFEST).read_text()).get("run")
+    except (OSError, json.JSONDecodeError):
+        return []
+    if not isinstance(then, dict) or "data" not in then:
+        return []
+    changes = []
+    old, new = then.get("data", {}), fingerprint["data"]
+    changes += [f"data file {f} changed" for f in sorted(set(old) & set(new)) if old[f] != new[f]]
+    changes += [f"data file {f} is new" for f in sorted(set(new) - set(old))]
+    changes += [f"data file {f} is no longer read" for f in sorted(set(old) - set(new))]
+    if then.get("deepspeed") != fingerprint["deepspeed"]:
+        changes.append("the deepspeed config's content changed")
+    if then.get("world_size") != fingerprint["world_size"]:
+        changes.append(f"it was written by {then.get('world_size')} process(es), this run has "
+                       f"{fingerprint['world_size']} (the global batch would change)")
+    if then.get("lmforge") != fingerprint["lmforge"]:
+        changes.append(f"it was written by lmforge {then.get('lmforge')}, this is {fingerprint['lmforge']}")
+    return changes
+
+
+def check_run_changes(folder: Path, fingerprint: dict[str, Any], allow: bool) -> None:
+    """Refuse to resume a checkpoint whose data, DeepSpeed config, lmforge version or process count changed,
+    naming each change, unless `resume_on_changed_data` allows it (then a warning names them)."""
+    changes = run_changes(folder, fingerprint)
+    if not changes:
+        return
+    if allow:
+        logger.warning("resuming from %s although %s (resume_on_changed_data)", folder, "; ".join(changes))
+        return
+    raise LmforgeError(f"cannot resume from {folder}: {'; '.join(changes)}. Restore them, choose another output_dir, "
+                       "or set resume_on_changed_data: true to continue anyway")
+
+
+def resolve_resume(output_dir: str, requested: str | None, fingerprint: dict[str, Any], overwrite: bool,
+                   allow_changes: bool = False) -> str | None:
     """The checkpoint to resume from.
 
     `auto` (or unset, when output_dir holds checkpoints of the same config) means the newest whole
-    checkpoint; a path is used as given. Checkpoints of another config are never resumed silently.
+    checkpoint; a path is used as given. Checkpoints of another config are never resumed silently, nor
+    ones whose data, DeepSpeed config, lmforge version or process count changed (unless `allow_changes`).
     """
     if requested and requested not in ("auto", "true", "True"):
         folder = Path(requested)
@@ -100,6 +152,7 @@ def resolve_resume(output_dir: str, requested: str | None, fingerprint: str, ove
             return str(folder)  # a checkpoint written by plain transformers: trust it as HF does
         if problem:
             raise LmforgeError(f"resume_from_checkpoint {requested}: {problem}")
+        check_run_changes(folder, fingerprint, allow_changes)
         return str(folder)
     if overwrite and not requested:
         return None
@@ -108,11 +161,12 @@ def resolve_resume(output_dir: str, requested: str | None, fingerprint: str, ove
         if requested:
             logger.warning("resume_from_checkpoint auto: no whole checkpoint in %s, starting fresh", output_dir)
         return None
-    if checkpoint_config(newest) != fingerprint and not requested:
+    if checkpoint_config(newest) != fingerprint["config"] and not requested:
         raise LmforgeError(
             f"{output_dir} holds checkpoints of a different configuration ({newest.name}): choose another "
             "output_dir, set overwrite_output_dir: true, or resume_from_checkpoint: auto to continue anyway"
         )
+    check_run_changes(newest, fingerprint, allow_changes)
     return str(newest)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 import transformers
 
 from lmforge.config import TrainConfig
+from lmforge.data.catalogue import resolve_datasets
 from lmforge.data.pipeline import get_datasets
 from lmforge.data.templates import CatalogueTemplate, get_template, template_mismatch
 from lmforge.errors import LmforgeError
@@ -22,7 +24,7 @@ from lmforge.model.adapters import record_base_model, setup_finetuning
 from lmforge.model.lean_ops import apply_lean_swiglu
 from lmforge.model.loader import check_weights, count_parameters, load_model, load_tokenizer, resolve_model_path
 from lmforge.train.callbacks import JsonlLogCallback, ProgressCallback, StopOnSignal, TrainingStopped
-from lmforge.train.checkpoints import STAGING, config_fingerprint, move_previous_run, resolve_resume
+from lmforge.train.checkpoints import STAGING, move_previous_run, resolve_resume, run_fingerprint
 from lmforge.train.outputs import build_results, plot_losses, write_model_card, write_results
 
 logger = logging.getLogger(__name__)
@@ -33,7 +35,22 @@ def run_stage(config: TrainConfig) -> dict[str, Any]:
     return config.finetuning.spec.load("recipe")(config)
 
 
-def plan_output_dir(config: TrainConfig, fingerprint: str) -> str | None:
+def data_files(config: TrainConfig) -> list[Path]:
+    """The files the run's data comes from: tokenized_path's when it is loaded, else every dataset's."""
+    d = config.data
+    if d.tokenized_path and (Path(d.tokenized_path) / "data").is_dir():
+        return sorted(p for p in (Path(d.tokenized_path) / "data").rglob("*") if p.is_file())
+    specs = resolve_datasets(d.dataset, d.dataset_dir) + resolve_datasets(d.eval_dataset, d.dataset_dir)
+    return [f for spec in specs for f in spec.files]
+
+
+def fingerprint_run(config: TrainConfig) -> dict[str, Any]:
+    """The run's fingerprint: options, data contents, DeepSpeed config, lmforge version, process count."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return run_fingerprint(config.explicit, data_files(config), config.training.deepspeed, world_size)
+
+
+def plan_output_dir(config: TrainConfig, fingerprint: dict[str, Any]) -> str | None:
     """The checkpoint to resume from, after refusing an output_dir that would be overwritten."""
     if "output_dir" not in config.explicit:
         raise LmforgeError("output_dir is required: set output_dir: saves/my-run")
@@ -41,7 +58,8 @@ def plan_output_dir(config: TrainConfig, fingerprint: str) -> str | None:
     out = Path(t.output_dir)
     if out.exists() and not out.is_dir():
         raise LmforgeError(f"output_dir {out} is a file: choose a folder")
-    resume = resolve_resume(t.output_dir, t.resume_from_checkpoint, fingerprint, t.overwrite_output_dir)
+    resume = resolve_resume(t.output_dir, t.resume_from_checkpoint, fingerprint, t.overwrite_output_dir,
+                            t.resume_on_changed_data)
     busy = out.is_dir() and any(p.name != STAGING for p in out.iterdir())
     if busy and resume is None and not t.overwrite_output_dir:
         raise LmforgeError(
@@ -95,9 +113,9 @@ def build_model(config: TrainConfig, tokenizer: Any) -> Any:
     return model
 
 
-def prepare_run(config: TrainConfig) -> tuple[str, str | None, Any, Any]:
+def prepare_run(config: TrainConfig) -> tuple[dict[str, Any], str | None, Any, Any]:
     """(fingerprint, checkpoint to resume, tokenizer, data): the steps every stage shares before the model."""
-    fingerprint = config_fingerprint(config.explicit)
+    fingerprint = fingerprint_run(config)
     resume = plan_output_dir(config, fingerprint)
     if not config.model.train_from_scratch:  # fail fast, before the data is tokenized
         check_weights(Path(resolve_model_path(config.model.model_name_or_path)), config.model.allow_pickle_weights)

@@ -37,8 +37,8 @@ class EngineMixin:
     in every log, FSDP2 on CPU, engine-gathered weights saved without tied copies, and a log line naming
     the engine."""
 
-    def __init__(self, *args: Any, fingerprint: str = "", nan_policy: str = "stop", pack_size: int | None = None,
-                 **kwargs: Any):
+    def __init__(self, *args: Any, fingerprint: dict[str, Any] | None = None, nan_policy: str = "stop",
+                 pack_size: int | None = None, **kwargs: Any):
         train_args, model = kwargs.get("args"), kwargs.get("model")
         if train_args is not None and train_args.ddp_find_unused_parameters is None:
             # set before Trainer.__init__ builds the DDP options from it. LoRA, freeze and full tuning use every
@@ -46,7 +46,7 @@ class EngineMixin:
             # an extra graph walk per step; mixture-of-experts layers can leave experts unrouted, so they keep it
             train_args.ddp_find_unused_parameters = is_mixture_of_experts(model)
         super().__init__(*args, **kwargs)
-        self.fingerprint = fingerprint
+        self.fingerprint = fingerprint or {"config": ""}
         self.nan_policy = nan_policy
         self.pack_size = pack_size
         self.protected: set[str] = set()  # the checkpoint being resumed from: never rotated away

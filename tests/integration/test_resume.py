@@ -94,7 +94,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
         folder.mkdir()
         (folder / "trainer_state.json").write_text("{}")
         (folder / "model.safetensors").write_bytes(b"x" * 100)
-        write_manifest(folder, "cfg", step)
+        write_manifest(folder, {"config": "cfg"}, step)
     (tmp_path / "checkpoint-4" / "model.safetensors").write_bytes(b"x" * 10)  # truncated
     with caplog.at_level("WARNING"):
         assert newest_complete(tmp_path) == tmp_path / "checkpoint-2"
@@ -108,10 +108,10 @@ def test_another_config_is_never_resumed_silently(tmp_path):
     folder = tmp_path / "checkpoint-2"
     folder.mkdir()
     (folder / "trainer_state.json").write_text("{}")
-    write_manifest(folder, config_fingerprint({"learning_rate": "1e-3"}), 2)
-    same = config_fingerprint({"learning_rate": "1e-3", "max_steps": 50})  # max_steps may change on resume
+    write_manifest(folder, {"config": config_fingerprint({"learning_rate": "1e-3"})}, 2)
+    same = {"config": config_fingerprint({"learning_rate": "1e-3", "max_steps": 50})}  # max_steps may change
     assert resolve_resume(str(tmp_path), None, same, overwrite=False) == str(folder)
-    other = config_fingerprint({"learning_rate": "1e-4"})
+    other = {"config": config_fingerprint({"learning_rate": "1e-4"})}
     with pytest.raises(LmforgeError, match="holds checkpoints of a different configuration"):
         resolve_resume(str(tmp_path), None, other, overwrite=False)
     assert resolve_resume(str(tmp_path), "auto", other, overwrite=False) == str(folder)
