@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -93,7 +94,7 @@ class EngineMixin:
         needed = ckpt.folder_size(existing[-1]) if existing else 4 * sum(
             p.numel() * p.element_size() for p in self.model.parameters())
         ckpt.ensure_disk_space(run_dir, int(needed * 1.1))
-        if self.is_world_process_zero():
+        if self.args.should_save:
             shutil.rmtree(staged, ignore_errors=True)  # left over from a run killed while saving
         self.accelerator.wait_for_everyone()
         output_dir, limit = self.args.output_dir, self.args.save_total_limit
@@ -105,15 +106,31 @@ class EngineMixin:
         self.accelerator.wait_for_everyone()
         # transformers recorded the best checkpoint under .staging; point it (and its saved copy) at the final path
         best = self.state.best_model_checkpoint = ckpt.unstaged_path(self.state.best_model_checkpoint, run_dir)
-        if self.is_world_process_zero():
-            ckpt.record_best(staged, best)
-            ckpt.write_manifest(staged, self.fingerprint, self.state.global_step)
-            if final.exists():
-                shutil.rmtree(final)  # a stale checkpoint of the same step from an earlier, abandoned run
-            staged.rename(final)
-            keep = self.protected | ({str(Path(best).resolve())} if best else set())  # never rotate the best away
-            ckpt.rotate(run_dir, limit, keep)
-        self.accelerator.wait_for_everyone()
+        # Every process that saved (global rank 0; with save_on_each_node each node's local rank 0, as nodes may
+        # not share a file system) finishes its node's copy, one node after another: on a shared file system
+        # the first node's rename leaves nothing staged for the next.
+        nodes, node = self._node_layout()
+        for turn in range(nodes):
+            if self.args.should_save and node == turn and staged.is_dir():
+                self._finish_staged(staged, final, best, limit)
+            self.accelerator.wait_for_everyone()
+
+    def _node_layout(self) -> tuple[int, int]:
+        """(nodes that save their own checkpoint, this process's node index)."""
+        if not self.args.save_on_each_node:
+            return 1, 0
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return max(1, self.args.world_size // per_node), self.args.process_index // per_node
+
+    def _finish_staged(self, staged: Path, final: Path, best: str | None, limit: int | None) -> None:
+        """Record the best checkpoint, write the manifest, rename the staged folder into place, rotate."""
+        ckpt.record_best(staged, best)
+        ckpt.write_manifest(staged, self.fingerprint, self.state.global_step)
+        if final.exists():
+            shutil.rmtree(final)  # a stale checkpoint of the same step from an earlier, abandoned run
+        staged.rename(final)
+        keep = self.protected | ({str(Path(best).resolve())} if best else set())  # never rotate the best away
+        ckpt.rotate(final.parent, limit, keep)
 
     def train(self, resume_from_checkpoint: str | None = None, *args: Any, **kwargs: Any) -> Any:
         if resume_from_checkpoint:

@@ -4,6 +4,8 @@ global batch: DDP through `nproc_per_node`, and two torchrun node groups on 127.
 import os
 import subprocess
 
+import sys
+from pathlib import Path
 import pytest
 from launch_helpers import distributed, free_port, max_diff, run, train_command, weights
 
