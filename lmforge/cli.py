@@ -98,15 +98,24 @@ def cmd_chat(argv: list[str]) -> None:
 def cmd_export(argv: list[str]) -> None:
     """Merge LoRA adapters into the base model and write a standalone Hugging Face directory
     (sharded safetensors, tokenizer with chat template, model card), after checking on a probe
-    input that the merged logits equal base+adapter."""
+    input that the merged logits equal base+adapter; or, with --export_format gguf, one .gguf file
+    (gguf_type f16, bf16, f32, q8_0, q5/q4) for llama.cpp, with an Ollama Modelfile (--export_ollama true)."""
     from lmforge.config.parser import EXPORT_GROUPS, build_groups, merge_sources
     from lmforge.export.merge import run_export
 
     _, raw = merge_sources(argv)
     model_args, export_args = build_groups(raw, EXPORT_GROUPS)
     result = run_export(model_args, export_args)
-    print(f"exported to {export_args.export_dir} ({result['export_dtype']}); merged {len(result['merged_adapters'])} "
-          f"adapter(s), max |logit difference| vs base+adapter {result['max_abs_logit_diff']:.2e}")
+    merged = (f"merged {len(result['merged_adapters'])} adapter(s), max |logit difference| vs base+adapter "
+              f"{result['max_abs_logit_diff']:.2e}")
+    if result["export_format"] == "hf":
+        print(f"exported to {export_args.export_dir} ({result['export_dtype']}); {merged}")
+        return
+    print(f"wrote {result['gguf_file']} ({result['gguf_type']}, {result['size_mb']:.1f} MB); {merged}")
+    if not result["tokenizer_round_trip"]:
+        print("note: transformers reads this file's tokenizer back differently (see the warning above)")
+    if result["modelfile"]:
+        print(f"wrote {result['modelfile']}: ollama create NAME -f {result['modelfile']}")
 
 
 def cmd_score(argv: list[str]) -> None:

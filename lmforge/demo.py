@@ -47,4 +47,6 @@ def run_demo(config: TrainConfig) -> dict[str, Any]:
     print("Next:")
     print(f"  lmforge chat --adapter_name_or_path {out}")
     print(f"  lmforge export --adapter_name_or_path {out} --export_dir {out}-merged")
+    print(f"  lmforge export --adapter_name_or_path {out} --export_dir {out}-gguf --export_format gguf "
+          "--export_ollama true   # llama.cpp / Ollama")
     return {"before": before, "after": after, "results": results, "minutes": minutes}

@@ -554,14 +554,35 @@ class ExportArguments:
         "auto", "Dtype of the saved weights: auto keeps the base model's dtype."
     )
     template: str | None = _opt(
-        None, "Catalogue template to save as the tokenizer's chat_template (default: keep the adapter's or base's)."
+        None, "Catalogue template to save as the tokenizer's chat_template, in the .gguf and the Modelfile too "
+        "(default: keep the adapter's or base's)."
     )
     check_tolerance: float = _opt(
         1e-4,
         "Largest allowed |logit difference| between the merged model and base+adapter on a probe input; "
         "both are computed in float64, where a correct merge agrees to ~1e-10.",
     )
+    export_format: Literal["hf", "gguf"] = _opt(
+        "hf", "hf: a Hugging Face folder (safetensors); gguf: one .gguf file for llama.cpp, Ollama and LM Studio."
+    )
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] | None = _opt(
+        None, "Tensor type of the .gguf file (default f16); norms and other 1-D tensors stay f32, and with "
+        "q4/q5 types the output projection is q8_0 (k-quants such as q4_K: run llama.cpp's llama-quantize on "
+        "the f16 file). Needs export_format: gguf.",
+    )
+    export_ollama: bool = _opt(
+        False, "Also write an Ollama Modelfile beside the .gguf (chat template, stop tokens, default system prompt); "
+        "needs export_format: gguf.",
+    )
 
     def __post_init__(self) -> None:
         if self.export_size <= 0:
             raise LmforgeError(f"export_size must be > 0 GB, got {self.export_size}")
+        if self.export_format != "gguf":
+            for name in ("gguf_type", "export_ollama"):
+                if getattr(self, name):
+                    raise LmforgeError(f"{name} applies to GGUF files: add --export_format gguf, or drop {name}")
+        elif self.export_dtype != "auto":
+            raise LmforgeError("export_dtype applies to export_format hf; for gguf choose the type with gguf_type")
+
+

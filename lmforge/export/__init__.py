@@ -1,1 +1,1 @@
-"""Ship a model: merge adapters into the base and write a standalone Hugging Face directory."""
+"""Ship a model: merge adapters into the base and write a standalone Hugging Face directory or GGUF file."""

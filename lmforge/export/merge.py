@@ -1,4 +1,5 @@
-"""`lmforge export`: merge LoRA into the base, prove the merge exact on a probe, save safetensors."""
+"""`lmforge export`: merge LoRA into the base, prove the merge exact on a probe, save safetensors
+(or hand the merged model to the GGUF writer, export/gguf_export.py)."""
 
 from __future__ import annotations
 
@@ -74,8 +75,9 @@ def merge_adapters(model: Any, tokenizer: Any, adapters: list[str], tolerance: f
     return model, diff
 
 
-def run_export(model_args: ModelArguments, args: ExportArguments) -> dict[str, Any]:
-    """Merge the adapters into the full-precision base model and save it, checked against the unmerged model."""
+def prepare_export(model_args: ModelArguments, args: ExportArguments) -> tuple[Path, Any, list[str]]:
+    """The checks that need no weights, then the tokenizer with the chat template to ship:
+    (export folder, tokenizer, adapters to merge)."""
     if model_args.quantization_bit:
         raise LmforgeError(f"cannot merge into a {model_args.quantization_bit}-bit base: remove quantization_bit, "
                            "so the adapter (QLoRA's too) merges into the full-precision base model")
@@ -84,6 +86,15 @@ def run_export(model_args: ModelArguments, args: ExportArguments) -> dict[str, A
     adapters = split_names(model_args.adapter_name_or_path)
     model_args.torch_dtype = "float32"
     tokenizer = load_tokenizer(model_args)
+    if args.template:
+        template = get_template(args.template, tokenizer)
+        if isinstance(template, CatalogueTemplate):
+            tokenizer.chat_template = template.to_jinja()
+    return out, tokenizer, adapters
+
+
+def load_merged(model_args: ModelArguments, tokenizer: Any, adapters: list[str], tolerance: float) -> tuple[Any, float]:
+    """The base model with every adapter merged, in float64, and the merge's max |logit difference|."""
     model = load_model(model_args, tokenizer)
     if _is_quantized(model):
         raise LmforgeError("cannot merge into a 4/8-bit base: load the base without quantization_bit "
@@ -91,22 +102,39 @@ def run_export(model_args: ModelArguments, args: ExportArguments) -> dict[str, A
     # Merge and check in float64: in float32 a correct merge of a 30-layer model already differs from
     # base+adapter by ~1e-4 through rounding, which would hide a wrong merge. Costs 2x float32 memory.
     model = model.double()
-    model, diff = merge_adapters(model, tokenizer, adapters, args.check_tolerance) if adapters else (model, 0.0)
-    if args.template:
-        template = get_template(args.template, tokenizer)
-        if isinstance(template, CatalogueTemplate):
-            tokenizer.chat_template = template.to_jinja()
+    return merge_adapters(model, tokenizer, adapters, tolerance) if adapters else (model, 0.0)
+
+
+def run_export(model_args: ModelArguments, args: ExportArguments) -> dict[str, Any]:
+    """Merge the adapters into the full-precision base model, checked against the unmerged model, and
+    write it as a Hugging Face folder or, with export_format gguf, as one .gguf file."""
+    out, tokenizer, adapters = prepare_export(model_args, args)
+    if args.export_format == "gguf":
+        from lmforge.export.gguf_export import plan_gguf, save_gguf
+
+        plan = plan_gguf(model_args, tokenizer, args)  # refuses an architecture or template before loading
+        model, diff = load_merged(model_args, tokenizer, adapters, args.check_tolerance)
+        return save_gguf(plan, model, tokenizer, out) | {"merged_adapters": adapters, "max_abs_logit_diff": diff}
+    model, diff = load_merged(model_args, tokenizer, adapters, args.check_tolerance)
+    return save_hf(model, tokenizer, out, model_args, args, diff) | {"merged_adapters": adapters,
+                                                                     "max_abs_logit_diff": diff}
+
+
+def save_hf(model: Any, tokenizer: Any, out: Path, model_args: ModelArguments, args: ExportArguments,
+            diff: float) -> dict[str, Any]:
+    """Sharded safetensors, the tokenizer and a model card."""
+    adapters = split_names(model_args.adapter_name_or_path)
     dtype = _export_dtype(args.export_dtype, model_args)
     model = model.to(dtype)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=f"{int(args.export_size * 1000)}MB")
     tokenizer.save_pretrained(out)
-    result = {"merged_adapters": adapters, "max_abs_logit_diff": diff, "export_dtype": str(dtype).replace("torch.", "")}
+    export_dtype = str(dtype).replace("torch.", "")
     write_model_card(out, base_model=str(model_args.model_name_or_path), stage="export",
                      method="merged lora" if adapters else "copy", datasets="see the adapter's card",
-                     hyperparameters={"adapters": ", ".join(adapters) or "none", "export_dtype": result["export_dtype"]},
+                     hyperparameters={"adapters": ", ".join(adapters) or "none", "export_dtype": export_dtype},
                      results={"max_abs_logit_diff": diff}, is_adapter=False)
-    return result
+    return {"export_format": "hf", "export_dtype": export_dtype}
 
 
 def _export_dtype(name: str, model_args: ModelArguments) -> torch.dtype:
