@@ -18,6 +18,7 @@ commands:
   train        train a model (stage pt, sft, rm, dpo, kto or grpo): lmforge train examples/sft_lora.yaml
   preprocess   tokenize the data exactly as train would and save it to tokenized_path
   chat         chat with a model (streamed), or answer one --query
+  api          serve a model over an OpenAI-compatible HTTP API (needs: pip install 'lmforge[serve]')
   export       merge LoRA adapters into the base and write a standalone model
   score        score (prompt, response) rows with a reward model trained by stage rm
   demo         teach the embedded SmolLM2 a new identity and show before/after answers
@@ -93,6 +94,21 @@ def cmd_chat(argv: list[str]) -> None:
         print(engine.reply([{"role": "user", "content": gen.query}]).strip())
         return
     run_repl(engine)
+
+
+def cmd_api(argv: list[str]) -> None:
+    """Serve a model (loaded as `lmforge chat` loads it) over an OpenAI-compatible HTTP API on 127.0.0.1:8000:
+    /v1/chat/completions (streamed or not), /v1/completions, /v1/models, /health."""
+    from lmforge.config.parser import API_GROUPS, build_groups, merge_sources
+
+    try:
+        from lmforge.serve.api import run_api
+    except ModuleNotFoundError as err:
+        if err.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise
+        raise LmforgeError(f"lmforge api needs {err.name}: pip install 'lmforge[serve]'") from None
+    _, raw = merge_sources(argv)
+    run_api(*build_groups(raw, API_GROUPS))
 
 
 def cmd_export(argv: list[str]) -> None:
@@ -199,6 +215,7 @@ def _groups(name: str) -> tuple[type, ...]:
 # command -> (function, name of its option groups in lmforge.config.parser, or None)
 COMMAND_TABLE: dict[str, tuple[Callable[[list[str]], int | None], str | None]] = {
     "train": (cmd_train, "GROUPS"), "preprocess": (cmd_preprocess, "GROUPS"), "chat": (cmd_chat, "CHAT_GROUPS"),
+    "api": (cmd_api, "API_GROUPS"),
     "export": (cmd_export, "EXPORT_GROUPS"), "score": (cmd_score, "SCORE_GROUPS"), "demo": (cmd_demo, "GROUPS"),
     "data": (cmd_data, "DOCTOR_GROUPS"), "templates": (cmd_templates, None), "models": (cmd_models, None),
     "env": (cmd_env, None), "version": (cmd_version, None),

@@ -586,3 +586,45 @@ class ExportArguments:
             raise LmforgeError("export_dtype applies to export_format hf; for gguf choose the type with gguf_type")
 
 
+def _env_default(value: Any, env: str, default: Any) -> Any:
+    """An option's value; when not given, the environment variable `env`, else `default`."""
+    return value if value is not None else os.environ.get(env) or default
+
+
+@dataclass
+class ApiArguments:
+    """Where `lmforge api` listens and what it lets a client do."""
+
+    api_host: str | None = _opt(
+        None, "Address to listen on (default 127.0.0.1, or the API_HOST environment variable); any address that "
+        "is not loopback exposes the model to the network and is warned about."
+    )
+    api_port: int | None = _opt(None, "TCP port to listen on (default 8000, or the API_PORT environment variable).")
+    api_key: str | None = _opt(
+        None, "When set (or the API_KEY environment variable), every /v1 request must send "
+        "`Authorization: Bearer API_KEY`; others get 401."
+    )
+    served_model_name: str | None = _opt(
+        None, "The model id clients send and /v1/models lists (default: the model or adapter directory's name)."
+    )
+    max_concurrency: int = _opt(1, "Generations that run at the same time; later requests wait in the queue.")
+    max_queue: int = _opt(8, "Requests that may wait for a generation slot; beyond them a request gets 429.")
+    max_new_tokens_limit: int = _opt(2048, "Upper bound on a request's max_tokens (larger values are capped).")
+    max_request_bytes: int = _opt(1_000_000, "Largest request body accepted; larger ones get 413.")
+
+    def __post_init__(self) -> None:
+        self.api_host = _env_default(self.api_host, "API_HOST", "127.0.0.1")
+        port = _env_default(self.api_port, "API_PORT", 8000)
+        try:
+            self.api_port = int(port)
+        except ValueError:
+            raise LmforgeError(f"API_PORT must be a port number, got {port!r}") from None
+        self.api_key = _env_default(self.api_key, "API_KEY", None)
+        if not 0 <= self.api_port <= 65535:
+            raise LmforgeError(f"api_port must be in 0..65535 (0: any free port), got {self.api_port}")
+        for name, low in (("max_concurrency", 1), ("max_queue", 0), ("max_new_tokens_limit", 1),
+                          ("max_request_bytes", 1024)):
+            if getattr(self, name) < low:
+                raise LmforgeError(f"{name} must be >= {low}, got {getattr(self, name)}")
+
+

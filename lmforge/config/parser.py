@@ -16,6 +16,7 @@ import yaml
 
 from lmforge.config.args import (
     BUILTIN_REWARDS,
+    ApiArguments,
     DataArguments,
     DoctorArguments,
     ExportArguments,
@@ -33,6 +34,7 @@ from lmforge.stages import BOUND_OPTIONS, STAGES, owners_of
 GROUPS: tuple[type, ...] = (ModelArguments, DataArguments, FinetuningArguments, TrainingArguments, LaunchArguments,
                             RLArguments)
 CHAT_GROUPS: tuple[type, ...] = (ModelArguments, GenerationArguments)
+API_GROUPS: tuple[type, ...] = (ModelArguments, GenerationArguments, ApiArguments)
 EXPORT_GROUPS: tuple[type, ...] = (ModelArguments, ExportArguments)
 SCORE_GROUPS: tuple[type, ...] = (ScoreArguments,)
 DOCTOR_GROUPS: tuple[type, ...] = (*GROUPS, DoctorArguments)
