@@ -16,6 +16,7 @@ from lmforge.data.processors import IGNORE_INDEX
 VARLEN_SDPA = "lmforge_varlen_sdpa"  # lmforge.model.varlen registers it (kept here: no model import)
 
 CAUSAL_ONLY_KEY = "mask_is_trailing_padding"
+HOST_LENGTHS_KEY = "example_lengths"  # packed example lengths as a tuple of ints (lmforge.model.varlen reads it)
 
 
 def drop_redundant_mask(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -134,6 +135,9 @@ class PackedCollator:
             if self.attn_implementation == VARLEN_SDPA:
                 ends = torch.tensor(examples, dtype=torch.long).cumsum(0)
                 batch["cu_seq_lens_q"] = torch.cat([torch.zeros(1, dtype=torch.long), ends])  # example boundaries
+                # the same lengths as host ints: the model passes its keyword arguments down to each attention
+                # call, which then splits the row without reading cu_seq_lens_q back from the device
+                batch[HOST_LENGTHS_KEY] = tuple(examples)
             return batch
         width = max(len(f["input_ids"]) for f in features)
         allowed = block_causal_mask(segment_ids(lengths, width))

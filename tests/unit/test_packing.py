@@ -202,3 +202,33 @@ def test_varlen_falls_back_to_the_block_mask_where_attention_cannot_be_swapped(m
     monkeypatch.setattr(type(model), "_can_set_attn_implementation", classmethod(lambda cls: False))
     assert use_varlen_sdpa(model) == "sdpa"
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_varlen_attention_reads_the_collators_host_lengths_not_the_device():
+    """With the collator's host copy no layer reads cu_seq_lens_q back from the device (a CUDA sync per layer,
+    again in gradient checkpointing's recompute): a meta tensor, which cannot be read, proves it is not read."""
+    from lmforge.model.varlen import example_lengths
+
+    unreadable = torch.empty(4, dtype=torch.long, device="meta")
+    assert example_lengths(unreadable, (3, 5, 2), 10) == [3, 5, 2]
+    bounds = torch.tensor([0, 3, 8, 10])
+    assert example_lengths(bounds, None, 10) == [3, 5, 2]
+    assert example_lengths(bounds, (4, 4), 10) == [3, 5, 2]  # a copy that does not cover the row is not trusted
+    examples = [([1, 2, 3], [1, 2, 3]), ([4, 5], [4, 5])]
+    batch = PackedCollator(0, "lmforge_varlen_sdpa")(packed_features(examples, [[0, 1]]))
+    assert batch["example_lengths"] == (3, 2) and batch["cu_seq_lens_q"].tolist() == [0, 3, 5]
+
+
+def test_grouped_query_heads_use_sdpas_grouping_only_without_a_mask():
+    from lmforge.model.varlen import grouped_heads
+
+    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    key, value, gqa = grouped_heads(q, k, v, None)
+    assert gqa and key is k and value is v
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()
+    key, value, gqa = grouped_heads(q, k, v, mask)  # a masked call: CUDA's kernels would fall back to math
+    assert not gqa and key.shape == (1, 4, 5, 8) and torch.equal(key[:, 1], k[:, 0]) and torch.equal(key[:, 2], k[:, 1])
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert grouped_heads(q, q, q, mask)[2] is False  # no grouping: nothing to repeat
