@@ -71,3 +71,18 @@ def test_ddp_find_unused_parameters_reaches_the_accelerator(tiny_llama_dir, tmp_
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
     trainer = LmforgeTrainer(model=model, args=args, data_collator=PaddingCollator(0))
     assert trainer.accelerator.ddp_handler.find_unused_parameters is False
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), None])
+def test_gradient_check_finds_one_bad_value_among_many_tensors_of_mixed_dtypes(bad):
+    guard = NonFiniteGuard(fake_trainer(scaler=None, grad=1.0))
+    grads = [torch.full((5,), 6e4, dtype=torch.float16), torch.ones(3, dtype=torch.bfloat16)] + \
+        [torch.randn(4, 4) for _ in range(20)]  # 6e4 is finite in fp16, though its L2 norm over 5 values is not
+    if bad is not None:
+        grads[13][2, 1] = bad
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.zeros_like(g))
+        p.grad = g
+        params.append(p)
+    assert bool(guard._gradients_bad(params)) is (bad is not None)
