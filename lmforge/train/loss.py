@@ -26,34 +26,40 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 targets: torch.Tensor, normalizer: torch.Tensor | float) -> torch.Tensor:
         # hidden (M, H) at loss positions only; weight (V, H); targets (M,)
+        # No float32 copy of the head: each chunk's logits come from the head in its own dtype (as the model's
+        # lm_head computes them) and are upcast per chunk. Memory per chunk: logits and their gradient,
+        # 2 x CHUNK_ELEMENTS float32 (256 MB). The head's gradient is summed in float32 while the chunks run
+        # and kept in the head's dtype until backward.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            w = weight.float()
-            b = bias.float() if bias is not None else None
             chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
             grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
-            grad_w = torch.zeros_like(w) if weight.requires_grad else None
-            grad_b = torch.zeros_like(b) if b is not None and bias.requires_grad else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad \
+                else None
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
+                if bias is not None and bias.requires_grad else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk):
-                h = hidden[start:start + chunk].float()  # (c, H)
+                h = hidden[start:start + chunk].to(weight.dtype)  # (c, H)
                 t = targets[start:start + chunk]
-                logits = h @ w.T if b is None else torch.addmm(b, h, w.T)  # (c, V)
+                logits = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).float()  # (c, V)
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
                 if grad_h is None and grad_w is None and grad_b is None:
                     continue
                 d_logits = torch.softmax(logits, dim=-1)  # d(sum CE)/d logits = softmax - onehot
+                del logits
                 d_logits[torch.arange(len(t), device=t.device), t] -= 1
                 if grad_h is not None:
-                    grad_h[start:start + chunk] = (d_logits @ w).to(hidden.dtype)
+                    grad_h[start:start + chunk] = (d_logits.to(weight.dtype) @ weight).to(hidden.dtype)
                 if grad_w is not None:
-                    grad_w += d_logits.T @ h
+                    grad_w += d_logits.T @ h.float()
                 if grad_b is not None:
                     grad_b += d_logits.sum(0)
+            grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+            grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w, grad_b)))
         ctx.present = (grad_h is not None, grad_w is not None, grad_b is not None)
         ctx.normalizer = normalizer
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total / normalizer
 
     @staticmethod
@@ -62,8 +68,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         has_h, has_w, has_b = ctx.present
         return (grad_h * scale.to(grad_h.dtype) if has_h else None,
-                (grad_w * scale).to(ctx.dtypes[0]) if has_w else None,
-                (grad_b * scale).to(ctx.dtypes[1]) if has_b else None, None, None)
+                grad_w * scale.to(grad_w.dtype) if has_w else None,
+                grad_b * scale.to(grad_b.dtype) if has_b else None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,

@@ -97,3 +97,27 @@ def test_moe_router_loss_keeps_the_models_own_loss():
     assert chunkable_head(model) is model.lm_head
     model.config.output_router_logits = True
     assert chunkable_head(model) is None
+
+
+def test_bf16_head_keeps_no_float32_copy_until_backward(monkeypatch):
+    """In bf16 training the head's weight is not copied to float32, and what is kept from forward to backward
+    is in the head's dtype; loss and gradients equal the plain bf16 head + float32 cross-entropy."""
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 64 * 3)  # several chunks
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 64, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(2, 9, 16, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 64, (2, 9))
+    labels[0, :3] = -100
+    loss = linear_cross_entropy(hidden, head, labels)
+    saved = loss.grad_fn.saved_tensors
+    assert all(t.dtype == torch.bfloat16 for t in saved if t.numel()), [t.dtype for t in saved]
+    loss.backward()
+    got = (hidden.grad.clone(), head.weight.grad.clone())
+    hidden.grad, head.weight.grad = None, None
+    logits = head(hidden)[:, :-1].float()  # the model's own path: bf16 head, loss in float32
+    plain = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=-100)
+    plain.backward()
+    assert abs(loss.item() - plain.item()) < 1e-5
+    assert head.weight.grad.dtype == got[1].dtype == torch.bfloat16
+    assert torch.allclose(got[0].float(), hidden.grad.float(), atol=2e-3, rtol=2e-2)
+    assert torch.allclose(got[1].float(), head.weight.grad.float(), atol=2e-3, rtol=2e-2)
