@@ -88,7 +88,7 @@ def cmd_chat(argv: list[str]) -> None:
 
     _, raw = merge_sources(argv)
     model_args, gen = build_groups(raw, CHAT_GROUPS)
-    tokenizer, model = load_for_inference(model_args)
+    tokenizer, model = load_for_inference(model_args, gen.device, gen.infer_dtype)
     engine = ChatEngine(tokenizer, model, gen)
     if gen.query is not None:
         print(engine.reply([{"role": "user", "content": gen.query}]).strip())

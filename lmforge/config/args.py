@@ -513,6 +513,13 @@ class GenerationArguments:
     repetition_penalty: float = _opt(1.1, "Penalty > 1 discourages repeating tokens (1.0 = off).")
     seed: int = _opt(42, "Random seed for sampling, so a run can be repeated.")
     query: str | None = _opt(None, "Answer this one message, print only the answer and exit (no REPL).")
+    device: Literal["auto", "cpu", "cuda"] = _opt(
+        "auto", "Where the model runs: auto (the GPU when there is one, spread over several with device_map auto "
+        "when one cannot hold it; else the CPU), cpu, or cuda (an error without a GPU)."
+    )
+    infer_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _opt(
+        "auto", "Dtype of the weights for generation: auto (the checkpoint's own), float32, bfloat16, float16."
+    )
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

@@ -48,13 +48,28 @@ def fill_base_model(model_args: ModelArguments, default: str | None = None) -> N
         model_args.tokenizer_name_or_path = adapters[-1]  # the adapter's tokenizer carries the trained template
 
 
-def load_merged(model_args: ModelArguments, reward_head: bool = False) -> tuple[Any, Any]:
+def inference_placement(device: str) -> dict[str, Any]:
+    """from_pretrained arguments that place an inference model: on an accelerator with device_map auto (spread
+    over several GPUs when one does not hold it), else on the CPU. `device`: auto, cpu or cuda."""
+    import torch
+
+    if device == "cpu":
+        return {}
+    if not torch.cuda.is_available():
+        if device == "cuda":
+            raise LmforgeError("device cuda: no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES), or use --device cpu")
+        return {}
+    return {"device_map": "auto"}
+
+
+def load_merged(model_args: ModelArguments, reward_head: bool = False, device: str = "cpu") -> tuple[Any, Any]:
     """Tokenizer and model in eval mode with every adapter of adapter_name_or_path merged in (inference and
-    scoring; fill_base_model first when the base is to come from the adapter)."""
+    scoring; fill_base_model first when the base is to come from the adapter), placed by `device` (auto: the
+    GPU when there is one)."""
     from peft import PeftModel
 
     tokenizer = load_tokenizer(model_args)
-    model = load_model(model_args, tokenizer, reward_head=reward_head)
+    model = load_model(model_args, tokenizer, reward_head=reward_head, placement=inference_placement(device))
     for path in split_names(model_args.adapter_name_or_path):
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     return tokenizer, model.eval()

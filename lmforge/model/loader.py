@@ -200,10 +200,10 @@ def quantization_settings(args: ModelArguments, compute_dtype: torch.dtype) -> d
 
 
 def load_model(args: ModelArguments, tokenizer: Any, compute_dtype: torch.dtype = torch.float32,
-               reward_head: bool = False) -> Any:
+               reward_head: bool = False, placement: dict[str, Any] | None = None) -> Any:
     """Pretrained weights (optionally quantized, computing in `compute_dtype`), or random ones for
     `train_from_scratch`. With `reward_head`, the causal LM's body under a new one-output score head
-    (a reward model: the score of the last non-padding token)."""
+    (a reward model: the score of the last non-padding token). `placement`: inference's device_map."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
@@ -218,6 +218,7 @@ def load_model(args: ModelArguments, tokenizer: Any, compute_dtype: torch.dtype 
         raise LmforgeError("model_config overrides the architecture and needs train_from_scratch: true")
     path = resolve_model_path(args.model_name_or_path)
     common["use_safetensors"] = check_weights(Path(path), args.allow_pickle_weights)
+    common |= placement or {}
     common |= quantization_settings(args, compute_dtype)
     if args.quantization_bit and common["dtype"] == "auto":
         common["dtype"] = compute_dtype  # the layers left unquantized (norms, embeddings)

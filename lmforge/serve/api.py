@@ -296,7 +296,7 @@ def run_api(model_args: ModelArguments, gen: GenerationArguments, args: ApiArgum
     if not is_loopback(args.api_host):
         logger.warning("api_host %s is not a loopback address: anyone who can reach it can use the model%s",
                        args.api_host, "" if args.api_key else " (no api_key set)")
-    tokenizer, model = load_for_inference(model_args)
+    tokenizer, model = load_for_inference(model_args, gen.device, gen.infer_dtype)
     server = ModelServer(ChatEngine(tokenizer, model, gen), args, served_name(model_args, args))
     host, port = sock.getsockname()[:2]
     print(f"serving {server.name} at http://{host}:{port}/v1 (Ctrl+C to stop)", flush=True)

@@ -20,10 +20,13 @@ from lmforge.model.adapters import fill_base_model, load_merged
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-def load_for_inference(model_args: ModelArguments) -> tuple[Any, Any]:
-    """Tokenizer and model in eval mode; LoRA adapters applied (all merged but kept exact)."""
+def load_for_inference(model_args: ModelArguments, device: str = "auto", infer_dtype: str = "auto") -> tuple[Any, Any]:
+    """Tokenizer and model in eval mode; LoRA adapters applied (all merged but kept exact); on the GPU when
+    there is one (device auto), in `infer_dtype` (auto: the checkpoint's own)."""
     fill_base_model(model_args, default=DEFAULT_MODEL)
-    return load_merged(model_args)
+    if infer_dtype != "auto":
+        model_args.torch_dtype = infer_dtype
+    return load_merged(model_args, device=device)
 
 
 class StopOnEvent(StoppingCriteria):

@@ -79,3 +79,26 @@ def test_full_trains_everything(tiny_llama_dir):
     model = setup_finetuning(load(tiny_llama_dir), FinetuningArguments(finetuning_type="full"), ModelArguments())
     assert step_and_diff(model) == {n for n, _ in model.named_parameters()}
     assert "lm_head" not in linear_module_names(model)
+
+
+def test_inference_goes_to_the_gpu_when_there_is_one(monkeypatch):
+    from lmforge.model.adapters import inference_placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert inference_placement("auto") == inference_placement("cuda") == {"device_map": "auto"}
+    assert inference_placement("cpu") == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert inference_placement("auto") == {}
+    with pytest.raises(LmforgeError, match="device cuda: no CUDA GPU is visible"):
+        inference_placement("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_chat_loads_the_model_onto_the_gpu_in_the_requested_dtype(tiny_llama_dir):
+    from lmforge.serve.chat import load_for_inference
+
+    _, model = load_for_inference(ModelArguments(model_name_or_path=str(tiny_llama_dir)), "auto", "bfloat16")
+    assert model.device.type == "cuda" and model.dtype == torch.bfloat16
+    _, model = load_for_inference(ModelArguments(model_name_or_path=str(tiny_llama_dir)), "cpu")
+    assert model.device.type == "cpu"
