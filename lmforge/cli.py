@@ -21,6 +21,7 @@ commands:
   api          serve a model over an OpenAI-compatible HTTP API (needs: pip install 'lmforge[serve]')
   export       merge LoRA adapters into the base and write a standalone model
   score        score (prompt, response) rows with a reward model trained by stage rm
+  eval         perplexity, generation scores, multiple-choice benchmarks (MMLU, C-Eval, CMMLU), lm-eval tasks
   demo         teach the embedded SmolLM2 a new identity and show before/after answers
   data check   the data doctor: invalid rows, lengths, truncation, and exactly which tokens are trained
   templates    list the chat templates of the catalogue
@@ -146,6 +147,16 @@ def cmd_score(argv: list[str]) -> None:
     print(f"scores written to {target}")
 
 
+def cmd_eval(argv: list[str]) -> None:
+    """Measure a model (base, adapter, .gguf or alias): perplexity on the eval rows (as train's eval_loss),
+    generation scored by exact match, BLEU-4 and ROUGE, multiple-choice benchmarks from local files (0-5 shot),
+    lm-evaluation-harness tasks; results in output_dir/eval_results.json:
+    lmforge eval examples/eval.yaml"""
+    from lmforge.eval.runner import parse_eval_config, run_eval
+
+    run_eval(*parse_eval_config(argv))
+
+
 def cmd_demo(argv: list[str]) -> None:
     """Ask the base model who it is, train LoRA SFT on the built-in identity data, ask again:
     lmforge demo examples/demo_identity.yaml"""
@@ -217,6 +228,7 @@ COMMAND_TABLE: dict[str, tuple[Callable[[list[str]], int | None], str | None]] =
     "train": (cmd_train, "GROUPS"), "preprocess": (cmd_preprocess, "GROUPS"), "chat": (cmd_chat, "CHAT_GROUPS"),
     "api": (cmd_api, "API_GROUPS"),
     "export": (cmd_export, "EXPORT_GROUPS"), "score": (cmd_score, "SCORE_GROUPS"), "demo": (cmd_demo, "GROUPS"),
+    "eval": (cmd_eval, "EVAL_GROUPS"),
     "data": (cmd_data, "DOCTOR_GROUPS"), "templates": (cmd_templates, None), "models": (cmd_models, None),
     "env": (cmd_env, None), "version": (cmd_version, None),
 }

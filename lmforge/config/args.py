@@ -593,6 +593,98 @@ class ExportArguments:
             raise LmforgeError("export_dtype applies to export_format hf; for gguf choose the type with gguf_type")
 
 
+EVAL_TASKS = ("perplexity", "generation", "choice", "lm_eval")
+
+
+@dataclass
+class EvalArguments:
+    """What `lmforge eval` measures and where it writes the results."""
+
+    eval_task: list[str] = _opt(
+        [],
+        "What to measure, comma-separated: perplexity (the loss on the tokens training takes loss on), generation "
+        "(replies to the rows' prompts scored against their references), choice (a multiple-choice benchmark from "
+        "task_dir), lm_eval:TASK,TASK (lm-evaluation-harness tasks; needs lmforge[eval]).",
+    )
+    output_dir: str | None = _opt(
+        None, "Folder for eval_results.json, generated_predictions.jsonl and the charts (LLaMA-Factory's save_dir "
+        "is read as this option)."
+    )
+    overwrite_output_dir: bool = _opt(False, "Replace the eval_results.json of an earlier eval in output_dir.")
+    stage: Literal["pt", "sft"] = _opt(
+        "sft", "How dataset / eval_dataset rows are tokenized for perplexity and generation, as train's stage: pt "
+        "(blocks of text) or sft (conversations, loss on the replies)."
+    )
+    batch_size: int = _opt(
+        8, "Rows per forward pass. perplexity's eval_loss equals train's when this is train's "
+        "per_device_eval_batch_size (8 by default)."
+    )
+    seed: int = _opt(42, "Seed of the val_size split (train's seed gives train's eval rows) and of sampling.")
+    batch_order: Literal["group_by_length", "sequential"] = _opt(
+        "group_by_length", "perplexity: which rows share a batch, as in train's eval loop: group_by_length (rows of "
+        "similar length, shuffled by seed; train's default train_sampling_strategy) or sequential (dataset order; "
+        "train's other samplers)."
+    )
+    max_new_tokens: int = _opt(256, "generation: most tokens generated per reply.")
+    temperature: float = _opt(0.0, "generation: sampling temperature; 0 (default) is greedy decoding.")
+    top_p: float = _opt(0.9, "generation: nucleus sampling threshold when temperature > 0.")
+    repetition_penalty: float = _opt(1.0, "generation: penalty > 1 discourages repeated tokens (1.0 = off).")
+    task: str | None = _opt(
+        None, "choice: the benchmark folder under task_dir with LLaMA-Factory's split suffix, e.g. mmlu_test, "
+        "ceval_validation, cmmlu_test (no suffix: the test split; unset: task_dir is the benchmark folder)."
+    )
+    task_dir: str = _opt(
+        "evaluation", "choice: folder of benchmark folders, each in LLaMA-Factory's evaluation/<task> CSV layout "
+        "or cais/mmlu's parquet layout (one folder per subject)."
+    )
+    subjects: list[str] | None = _opt(None, "choice: comma-separated subjects to evaluate (default: every subject).")
+    n_shot: int = _opt(5, "choice: answered questions from each subject's dev split shown before each question (0-5).")
+    lang: Literal["en", "zh"] = _opt("en", "choice: prompt language (LLaMA-Factory's en and zh eval templates).")
+    lm_eval_include_path: str | None = _opt(None, "lm_eval: a folder of your own lm-eval task YAML files.")
+    lm_eval_tasks: list[str] = field(default_factory=list, init=False)  # the TASK names of lm_eval:TASK,TASK
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise LmforgeError("eval needs output_dir: the folder for eval_results.json (e.g. saves/my-run/eval)")
+        self.eval_task, self.lm_eval_tasks = _split_eval_tasks(list(self.eval_task or []))
+        if self.batch_size < 1:
+            raise LmforgeError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.n_shot <= 5:
+            raise LmforgeError(f"n_shot must be 0 to 5 (answered dev questions per prompt), got {self.n_shot}")
+        if self.max_new_tokens < 1:
+            raise LmforgeError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise LmforgeError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature} and {self.top_p}")
+
+
+def _split_eval_tasks(items: list[str]) -> tuple[list[str], list[str]]:
+    """(kinds in order, lm-eval task names): `lm_eval:a,b` arrives split at the comma, so names after an
+    lm_eval item that are not kinds belong to it."""
+    import difflib
+
+    if not items:
+        raise LmforgeError(f"eval needs eval_task: one or more of {', '.join(EVAL_TASKS)} (as lm_eval:TASK)")
+    kinds: list[str] = []
+    harness: list[str] = []
+    for item in items:
+        kind, colon, names = item.partition(":")
+        if kind == "lm_eval" and colon:
+            harness += [n.strip() for n in names.split(",") if n.strip()]
+        elif item not in EVAL_TASKS[:3] and "lm_eval" in kinds:
+            harness.append(item)  # `lm_eval:a,b` arrives split at its comma
+            continue
+        elif item not in EVAL_TASKS[:3]:
+            close = difflib.get_close_matches(kind, EVAL_TASKS, n=1)
+            hint = f": did you mean '{close[0]}'?" if close else ""
+            raise LmforgeError(f"eval_task: unknown task '{item}'{hint} (use {', '.join(EVAL_TASKS[:3])} or "
+                               "lm_eval:TASK)")
+        if kind not in kinds:
+            kinds.append(kind)
+    if "lm_eval" in kinds and not harness:
+        raise LmforgeError("eval_task lm_eval needs task names: lm_eval:TASK,TASK")
+    return kinds, harness
+
+
 def _env_default(value: Any, env: str, default: Any) -> Any:
     """An option's value; when not given, the environment variable `env`, else `default`."""
     return value if value is not None else os.environ.get(env) or default

@@ -19,6 +19,7 @@ from lmforge.config.args import (
     ApiArguments,
     DataArguments,
     DoctorArguments,
+    EvalArguments,
     ExportArguments,
     FinetuningArguments,
     GenerationArguments,
@@ -38,6 +39,7 @@ API_GROUPS: tuple[type, ...] = (ModelArguments, GenerationArguments, ApiArgument
 EXPORT_GROUPS: tuple[type, ...] = (ModelArguments, ExportArguments)
 SCORE_GROUPS: tuple[type, ...] = (ScoreArguments,)
 DOCTOR_GROUPS: tuple[type, ...] = (*GROUPS, DoctorArguments)
+EVAL_GROUPS: tuple[type, ...] = (ModelArguments, DataArguments, EvalArguments)
 # LLaMA-Factory names that mean the same thing as one of ours.
 ALIASES: dict[str, str] = {"neat_packing": "packing", "enable_liger_kernel": "use_liger_kernel"}
 
