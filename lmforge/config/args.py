@@ -319,7 +319,9 @@ class RLArguments:
         8, "Completions sampled per prompt (the group whose rewards are compared); the global batch "
         "(processes x per_device_train_batch_size x gradient_accumulation_steps) must be divisible by it."
     )
-    max_new_tokens: int = _opt(128, "Longest sampled completion, in tokens.")
+    max_new_tokens: int = _opt(
+        128, "Longest generated text, in tokens: grpo's sampled completions; sft's replies with predict_with_generate."
+    )
     temperature: float = _opt(1.0, "Sampling temperature of the completions (> 0).")
     top_p: float = _opt(1.0, "Nucleus sampling of the completions: keep tokens up to this probability mass.")
     top_k: int = _opt(0, "Sample only among the k most likely tokens (0 = no limit).")
@@ -425,6 +427,12 @@ class TrainingArguments(transformers.TrainingArguments):
         "Training on CPU (glibc): give every freed tensor of 1 MB or more back to the OS at once. Peak "
         "memory falls by about 40% (no heap fragmentation), but each step is about 1.6x slower, as its "
         "activations are page-faulted in afresh.",
+    )
+    predict_with_generate: bool = _opt(
+        False,
+        "sft: after training, reply to every eval row (greedy, at most max_new_tokens, the template's stop tokens) "
+        "and score the replies against the rows' own replies (exact match, BLEU-4, ROUGE-1/2/L) as `lmforge eval` "
+        "does; writes generated_predictions.jsonl and predict_* results. Needs eval rows (val_size or eval_dataset).",
     )
     train_sampling_strategy: str = _opt(
         "group_by_length",

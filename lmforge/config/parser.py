@@ -68,8 +68,30 @@ class TrainConfig:
                 raise LmforgeError("quantization_bit is not supported with FSDP or DeepSpeed ZeRO-3 yet: "
                                    "use DDP (nproc_per_node) or ZeRO-2")
         self._check_stage_options()
+        self._check_predict()
         if "reward_model" in self.finetuning.spec.options:
             self._check_rewards()
+
+    def _check_predict(self) -> None:
+        """predict_with_generate: sft with unpacked eval rows; max_new_tokens means nothing without it in sft."""
+        t, stage = self.training, self.finetuning.stage
+        if not t.predict_with_generate:
+            if stage == "sft" and self.rl.max_new_tokens != field_default(init_fields(RLArguments)["max_new_tokens"]):
+                raise LmforgeError("max_new_tokens applies to stage sft only with predict_with_generate: true; "
+                                   "set it or remove max_new_tokens")
+            return
+        if stage != "sft":
+            raise LmforgeError(f"predict_with_generate applies to stage sft (replies scored against references), "
+                               f"not {stage}: remove predict_with_generate")
+        if not (self.data.val_size or self.data.eval_dataset):
+            raise LmforgeError("predict_with_generate needs eval rows: set val_size (e.g. 0.1) or eval_dataset")
+        if self.data.packing:
+            raise LmforgeError("predict_with_generate reads whole eval conversations, which packing joins: "
+                               "set packing: false, or run `lmforge eval` on the trained model")
+        ds = getattr(t, "hf_deepspeed_config", None)
+        if t.fsdp or (ds is not None and ds.is_zero3()):
+            raise LmforgeError("predict_with_generate generates on one process, which FSDP and ZeRO-3 shard: run "
+                               "`lmforge eval --eval_task generation` on the saved model instead")
 
     def _check_stage_options(self) -> None:
         """Refuse what the stage would not honour: another stage's options, packing, a sampler it overrides."""

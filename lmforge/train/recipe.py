@@ -167,9 +167,27 @@ def train_and_report(config: TrainConfig, trainer: Any, model: Any, data: Any, r
         "train_examples": data.summary.examples, "train_tokens": data.summary.tokens,
         "parameters_total": total, "parameters_trainable": trainable},
         perplexity=config.finetuning.spec.perplexity)
+    if args.predict_with_generate and data.eval is not None and trainer.is_world_process_zero():
+        results.update(predict_with_generate(config, trainer, data.eval))
     if trainer.is_world_process_zero():
         write_reports(config, results)
     return results
+
+
+def predict_with_generate(config: TrainConfig, trainer: Any, rows: Any) -> dict[str, Any]:
+    """sft's predict_with_generate: a reply to every eval row, scored as `lmforge eval`'s generation task does
+    (the eval split's last reply is the reference), written to generated_predictions.jsonl."""
+    from lmforge.data.templates import get_template, stop_token_ids
+    from lmforge.eval.generation import Generator, evaluate_generation, generation_rows
+
+    tokenizer = trainer.processing_class
+    template = get_template(config.data.template, tokenizer)
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    generator = Generator(model, tokenizer, stop_token_ids(tokenizer, template), tuple(template.stop_words),
+                          config.rl.max_new_tokens)
+    scores = evaluate_generation(generator, generation_rows(rows, tokenizer), config.training.per_device_eval_batch_size,
+                                 Path(config.training.output_dir))
+    return {f"predict_{k}": v for k, v in scores.items()}
 
 
 def hyperparameters(config: TrainConfig) -> dict[str, Any]:

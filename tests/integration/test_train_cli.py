@@ -270,3 +270,30 @@ def test_gradient_checkpointing_changes_memory_not_results(tmp_path, tiny_llama_
                 if '"loss"' in line]
 
     assert losses(plain) == pytest.approx(losses(ckpt), abs=1e-5)
+
+
+def test_predict_with_generate_scores_replies_to_the_eval_rows(tmp_path, tiny_llama_dir):
+    out = tmp_path / "predict"
+    code = main(["train", "--model_name_or_path", str(tiny_llama_dir), "--dataset", "alpaca_demo", "--dataset_dir",
+                 str(ROOT / "data"), "--max_samples", "12", "--val_size", "3", "--template", "chatml", "--max_steps",
+                 "2", "--output_dir", str(out), "--report_to", "none", "--lora_rank", "4", "--predict_with_generate",
+                 "true", "--max_new_tokens", "6"])
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "generated_predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["reference"] and "<|im_start|>assistant" in r["prompt"] for r in rows)
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["predict_rows"] == 3 and 0 <= results["predict_bleu-4"] <= 100 and "predict_rouge-l" in results
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_new_tokens", "8"], "max_new_tokens applies to stage sft only with predict_with_generate"),
+    (["--predict_with_generate", "true"], "predict_with_generate needs eval rows"),
+    (["--predict_with_generate", "true", "--val_size", "2", "--packing", "true"], "set packing: false"),
+    (["--predict_with_generate", "true", "--val_size", "2", "--stage", "pt"], "applies to stage sft"),
+])
+def test_predict_with_generate_is_refused_where_it_cannot_work(argv, message):
+    from lmforge.config import parse_train_config
+    from lmforge.errors import LmforgeError
+
+    with pytest.raises(LmforgeError, match=message):
+        parse_train_config(["--output_dir", "o", *argv])
