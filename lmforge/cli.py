@@ -19,6 +19,7 @@ commands:
   preprocess   tokenize the data exactly as train would and save it to tokenized_path
   chat         chat with a model (streamed), or answer one --query
   api          serve a model over an OpenAI-compatible HTTP API (needs: pip install 'lmforge[serve]')
+  webui        train, chat and export in the browser (Gradio, as LLaMA Board; needs: pip install 'lmforge[serve]')
   export       merge LoRA adapters into the base and write a standalone model
   score        score (prompt, response) rows with a reward model trained by stage rm
   eval         perplexity, generation scores, multiple-choice benchmarks (MMLU, C-Eval, CMMLU), lm-eval tasks
@@ -110,6 +111,22 @@ def cmd_api(argv: list[str]) -> None:
         raise LmforgeError(f"lmforge api needs {err.name}: pip install 'lmforge[serve]'") from None
     _, raw = merge_sources(argv)
     run_api(*build_groups(raw, API_GROUPS))
+
+
+def cmd_webui(argv: list[str]) -> None:
+    """Open the training page on http://127.0.0.1:7860: pick model, stage, method and datasets, preview the
+    rendered data, start `lmforge train` and watch its log and loss curve, chat with the result, merge or
+    export it. A YAML given here fills the Train tab: lmforge webui examples/sft_lora.yaml"""
+    from lmforge.config.parser import merge_sources
+
+    try:
+        from lmforge.webui.app import run_webui
+    except ModuleNotFoundError as err:
+        if err.name not in ("gradio", "gradio_client", "pandas"):
+            raise
+        raise LmforgeError(f"lmforge webui needs {err.name}: pip install 'lmforge[serve]'") from None
+    config_path, raw = merge_sources(argv)
+    run_webui(raw, config_path)
 
 
 def cmd_export(argv: list[str]) -> None:
@@ -226,7 +243,7 @@ def _groups(name: str) -> tuple[type, ...]:
 # command -> (function, name of its option groups in lmforge.config.parser, or None)
 COMMAND_TABLE: dict[str, tuple[Callable[[list[str]], int | None], str | None]] = {
     "train": (cmd_train, "GROUPS"), "preprocess": (cmd_preprocess, "GROUPS"), "chat": (cmd_chat, "CHAT_GROUPS"),
-    "api": (cmd_api, "API_GROUPS"),
+    "api": (cmd_api, "API_GROUPS"), "webui": (cmd_webui, "WEBUI_GROUPS"),
     "export": (cmd_export, "EXPORT_GROUPS"), "score": (cmd_score, "SCORE_GROUPS"), "demo": (cmd_demo, "GROUPS"),
     "eval": (cmd_eval, "EVAL_GROUPS"),
     "data": (cmd_data, "DOCTOR_GROUPS"), "templates": (cmd_templates, None), "models": (cmd_models, None),

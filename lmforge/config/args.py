@@ -735,3 +735,25 @@ class ApiArguments:
                 raise LmforgeError(f"{name} must be >= {low}, got {getattr(self, name)}")
 
 
+@dataclass
+class WebuiArguments:
+    """Where `lmforge webui` listens."""
+
+    webui_host: str | None = _opt(
+        None, "Address to listen on (default 127.0.0.1, or the GRADIO_SERVER_NAME environment variable); any "
+        "address that is not loopback lets others on the network start training on this machine, and is warned about."
+    )
+    webui_port: int | None = _opt(
+        None, "TCP port to listen on (default 7860, or the GRADIO_SERVER_PORT environment variable)."
+    )
+    share: bool = _opt(False, "Also publish the page through a public gradio.live link (off unless asked).")
+
+    def __post_init__(self) -> None:
+        self.webui_host = _env_default(self.webui_host, "GRADIO_SERVER_NAME", "127.0.0.1")
+        port = _env_default(self.webui_port, "GRADIO_SERVER_PORT", 7860)
+        try:
+            self.webui_port = int(port)
+        except ValueError:
+            raise LmforgeError(f"GRADIO_SERVER_PORT must be a port number, got {port!r}") from None
+        if not 0 < self.webui_port <= 65535:
+            raise LmforgeError(f"webui_port must be in 1..65535, got {self.webui_port}")

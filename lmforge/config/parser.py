@@ -28,6 +28,7 @@ from lmforge.config.args import (
     RLArguments,
     ScoreArguments,
     TrainingArguments,
+    WebuiArguments,
 )
 from lmforge.errors import LmforgeError
 from lmforge.stages import BOUND_OPTIONS, STAGES, owners_of
@@ -40,6 +41,7 @@ EXPORT_GROUPS: tuple[type, ...] = (ModelArguments, ExportArguments)
 SCORE_GROUPS: tuple[type, ...] = (ScoreArguments,)
 DOCTOR_GROUPS: tuple[type, ...] = (*GROUPS, DoctorArguments)
 EVAL_GROUPS: tuple[type, ...] = (ModelArguments, DataArguments, EvalArguments)
+WEBUI_GROUPS: tuple[type, ...] = (WebuiArguments,)
 # LLaMA-Factory names that mean the same thing as one of ours.
 ALIASES: dict[str, str] = {"neat_packing": "packing", "enable_liger_kernel": "use_liger_kernel"}
 

@@ -49,8 +49,8 @@ class DataReport:
         return out
 
 
-def highlight(tokenizer: Any, ids: list[int], labels: list[int], color: bool) -> str:
-    """The example's text with every trained token marked: green in a terminal, [[...]] otherwise."""
+def trained_runs(tokenizer: Any, ids: list[int], labels: list[int]) -> list[tuple[bool, str]]:
+    """The example's text cut where the loss starts or stops: (trained, text) pieces in order."""
     runs: list[tuple[bool, list[int]]] = []
     for token, label in zip(ids, labels):
         trained = label != IGNORE_INDEX
@@ -58,9 +58,13 @@ def highlight(tokenizer: Any, ids: list[int], labels: list[int], color: bool) ->
             runs[-1][1].append(token)
         else:
             runs.append((trained, [token]))
+    return [(trained, tokenizer.decode(tokens)) for trained, tokens in runs]
+
+
+def highlight(tokenizer: Any, ids: list[int], labels: list[int], color: bool) -> str:
+    """The example's text with every trained token marked: green in a terminal, [[...]] otherwise."""
     parts = []
-    for trained, tokens in runs:
-        text = tokenizer.decode(tokens)
+    for trained, text in trained_runs(tokenizer, ids, labels):
         parts.append((f"{GREEN}{text}{RESET}" if color else f"[[{text}]]") if trained else text)
     return "".join(parts)
 
