@@ -551,6 +551,9 @@ class ScoreArguments:
                               "an existing file is never overwritten.")
     template: str = _opt("auto", "Chat template that renders each row, as in the rm run (auto: the tokenizer's own).")
     batch_size: int = _opt(8, "Rows scored per forward pass.")
+    device: Literal["auto", "cpu", "cuda"] = _opt(
+        "auto", "Where the reward model runs: auto (the GPU when there is one, else the CPU), cpu, or cuda."
+    )
 
     def __post_init__(self) -> None:
         if not self.reward_model or not self.input:
