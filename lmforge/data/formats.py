@@ -237,8 +237,9 @@ def _to_text(ds: datasets.Dataset, spec: DatasetSpec, formatting: str, present: 
             raise LmforgeError(f"{row_location(spec, index)}: '{column}' must be a string")
         return {"_text": value or ""}
 
+    # the features are stated so that a streamed dataset knows its columns too (the pipeline reads them)
     return map_rows(ds, apply, with_indices=True, remove_columns=present, num_proc=num_proc,
-                    desc=f"Reading {spec.name}")
+                    desc=f"Reading {spec.name}", features=datasets.Features({"_text": datasets.Value("string")}))
 
 
 def map_rows(ds: Any, fn: Callable, num_proc: int | None = None, desc: str | None = None, **kwargs: Any) -> Any:

@@ -47,3 +47,23 @@ def test_streaming_trains_with_max_steps(tmp_path, tiny_llama_dir, capsys):
     assert main([*args, "--output_dir", str(tmp_path / "b"), "--max_steps", "2"]) == 0
     records = [json.loads(line) for line in (tmp_path / "b" / "trainer_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
+
+
+def test_pt_streams_from_jsonl_and_json_arrays_with_the_unstreamed_first_loss(tmp_path, tiny_llama_dir):
+    """stage pt with streaming crashed before the first step (the streamed text rows lost their column names).
+    Streamed from JSON lines or a JSON array, the first batch is the same blocks as unstreamed and sequential."""
+    rows = [json.loads(line) for line in (ROOT / "data" / "finance_corpus.jsonl").read_text().splitlines()]
+    (tmp_path / "array.json").write_text(json.dumps(rows))
+    losses = {}
+    for name, dataset, extra in (("plain", "finance_corpus.jsonl", ["--train_sampling_strategy", "sequential"]),
+                                 ("jsonl", "finance_corpus.jsonl", ["--streaming", "true"]),
+                                 ("array", str(tmp_path / "array.json"), ["--streaming", "true"])):
+        out = tmp_path / name
+        assert main(["train", "--stage", "pt", "--model_name_or_path", str(tiny_llama_dir), "--dataset", dataset,
+                     "--dataset_dir", str(ROOT / "data"), "--cutoff_len", "32", "--max_steps", "2",
+                     "--per_device_train_batch_size", "2", "--save_strategy", "no", "--logging_steps", "1",
+                     "--report_to", "none", "--output_dir", str(out), *extra]) == 0
+        records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in records if "loss" in r]
+    assert len(losses["jsonl"]) == len(losses["array"]) == 2
+    assert abs(losses["jsonl"][0] - losses["plain"][0]) < 1e-5 and abs(losses["array"][0] - losses["plain"][0]) < 1e-5
