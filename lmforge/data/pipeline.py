@@ -242,14 +242,24 @@ def with_length_column(ds: datasets.Dataset) -> datasets.Dataset:
     return ds.add_column("length", token_lengths(ds).to_pylist())
 
 
+def tokenized_dir(path: Path) -> Path | None:
+    """The folder of a saved DatasetDict under `path`: `path` itself (what `datasets.load_from_disk(path)` and
+    LLaMA-Factory's tokenized_path read), or its `data` folder (lmforge before 0.2); None when neither."""
+    for folder in (path, path / "data"):
+        if (folder / "dataset_dict.json").is_file():
+            return folder
+    return None
+
+
 def save_prepared(data: PreparedData, path: Path) -> None:
-    """Write atomically: a temporary folder renamed into place."""
+    """Write atomically (a temporary folder renamed into place) as a DatasetDict that
+    `datasets.load_from_disk(path)` opens, with lmforge's summary.json beside its splits."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         splits = {"train": data.train} | ({"validation": data.eval} if data.eval is not None else {})
         with _quiet_datasets():
-            datasets.DatasetDict(splits).save_to_disk(str(tmp / "data"))
+            datasets.DatasetDict(splits).save_to_disk(str(tmp))
         (tmp / "summary.json").write_text(json.dumps(data.summary.__dict__, indent=2))
         if path.exists():
             shutil.rmtree(path)
@@ -271,21 +281,47 @@ def _quiet_datasets() -> Iterator[None]:
 
 
 def load_prepared(path: Path, source: str) -> PreparedData:
-    """Tokenized data saved by `save_prepared` (memory-mapped), labelled with where it came from."""
-    if not (path / "data").is_dir():
-        raise LmforgeError(f"{path} is not a tokenized dataset written by `lmforge preprocess`")
-    dd = datasets.load_from_disk(str(path / "data"))
+    """Tokenized data saved by `save_prepared` or by LLaMA-Factory (memory-mapped), labelled with its source."""
+    folder = tokenized_dir(path)
+    if folder is None:
+        raise LmforgeError(f"{path} is not a tokenized dataset (no dataset_dict.json): write it with "
+                           "`lmforge preprocess` or datasets' save_to_disk")
+    dd = datasets.load_from_disk(str(folder))
+    if "train" not in dd:
+        raise LmforgeError(f"{path}: the tokenized dataset has no train split (it has {', '.join(dd) or 'none'})")
     summary_file = path / "summary.json"
     summary = DataSummary(**json.loads(summary_file.read_text())) if summary_file.is_file() else DataSummary()
     summary.source = source
     return PreparedData(dd["train"], dd.get("validation"), summary)
 
 
+def check_tokenized_path(path: Path) -> None:
+    """Refuse a tokenized_path that holds something else: it is replaced whole when lmforge writes it."""
+    if tokenized_dir(path) is None and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise LmforgeError(f"tokenized_path {path} exists and holds no tokenized dataset: choose a new folder "
+                           "(nothing was written)")
+
+
+def with_stage_columns(data: PreparedData, stage: str, path: str) -> PreparedData:
+    """Loaded pt/sft data with the columns training reads: LLaMA-Factory writes pt blocks without labels (its
+    collator copies the inputs), which for pt are the inputs; sft rows must carry their labels."""
+    if stage not in ("pt", "sft") or "labels" in data.train.column_names:
+        return data
+    if stage == "sft" or "input_ids" not in data.train.column_names:
+        raise LmforgeError(f"tokenized_path {path} has no labels column for stage {stage}: write it again with "
+                           "`lmforge preprocess`")
+    add = lambda ds: ds.map(lambda ids: {"labels": ids}, input_columns="input_ids")  # noqa: E731
+    return PreparedData(add(data.train), add(data.eval) if data.eval is not None else None, data.summary)
+
+
 def get_datasets(args: DataArguments, stage: str, seed: int, tokenizer: Any) -> PreparedData:
     """Tokenized data for training: from `tokenized_path`, from the cache, or built now."""
-    if args.tokenized_path and (Path(args.tokenized_path) / "data").is_dir():
+    if args.tokenized_path:
+        check_tokenized_path(Path(args.tokenized_path))
+    if args.tokenized_path and tokenized_dir(Path(args.tokenized_path)) is not None:
         logger.warning("loading tokenized data from %s; data options are ignored", args.tokenized_path)
-        return load_prepared(Path(args.tokenized_path), source=f"loaded from {args.tokenized_path}")
+        return with_stage_columns(load_prepared(Path(args.tokenized_path), source=f"loaded from {args.tokenized_path}"),
+                                  stage, args.tokenized_path)
     if args.streaming:
         return build_datasets(args, stage, seed, tokenizer)
     specs = resolve_datasets(args.dataset, args.dataset_dir) + resolve_datasets(args.eval_dataset, args.dataset_dir)

@@ -125,7 +125,7 @@ def test_preprocess_then_train_from_tokenized_path(tmp_path, tiny_llama_dir, cap
     assert "10 train examples" in capsys.readouterr().out
     import datasets
 
-    ds = datasets.load_from_disk(str(tokenized / "data"))["train"]
+    ds = datasets.load_from_disk(str(tokenized))["train"]
     assert ds.column_names == ["input_ids", "attention_mask", "labels"]
     assert all(len(r["input_ids"]) <= 64 and -100 in r["labels"] for r in ds)
     out = tmp_path / "out"

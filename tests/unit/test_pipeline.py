@@ -209,7 +209,7 @@ def test_tokenized_path_is_loaded_and_its_data_options_ignored(tmp_path, smol_to
     saved = tmp_path / "tokenized"
     args = dict(dataset="a.jsonl", dataset_dir=str(tmp_path), template="chatml", tokenized_path=str(saved))
     first = get_datasets(DataArguments(**args), "sft", 0, smol_tokenizer)
-    assert first.summary.source == "tokenized now" and (saved / "data").is_dir()
+    assert first.summary.source == "tokenized now" and (saved / "dataset_dict.json").is_file()
     loaded = get_datasets(DataArguments(**args, cutoff_len=8), "sft", 0, smol_tokenizer)
     assert loaded.summary.source == f"loaded from {saved}"
     assert list(loaded.train["input_ids"]) == list(first.train["input_ids"])
@@ -221,4 +221,32 @@ def test_tokenized_path_is_written_on_a_cache_hit_too(tmp_path, smol_tokenizer):
     get_datasets(DataArguments(**args), "sft", 0, smol_tokenizer)
     saved = tmp_path / "tokenized"
     get_datasets(DataArguments(**args, tokenized_path=str(saved)), "sft", 0, smol_tokenizer)
-    assert (saved / "data").is_dir()
+    assert (saved / "dataset_dict.json").is_file()
+
+
+def test_tokenized_path_of_the_earlier_layout_and_of_llama_factory_load(tmp_path, smol_tokenizer):
+    """lmforge before 0.2 wrote the splits one folder down; LLaMA-Factory writes a DatasetDict at the path itself
+    and leaves pt labels to its collator (for pt they are the inputs)."""
+    write_alpaca(tmp_path / "a.jsonl", "q", 4)
+    args = dict(dataset="a.jsonl", dataset_dir=str(tmp_path), template="chatml")
+    data = get_datasets(DataArguments(**args), "sft", 0, smol_tokenizer)
+    datasets.DatasetDict({"train": data.train}).save_to_disk(str(tmp_path / "old" / "data"))
+    old = get_datasets(DataArguments(**args, tokenized_path=str(tmp_path / "old")), "sft", 0, smol_tokenizer)
+    assert list(old.train["labels"]) == list(data.train["labels"])
+    blocks = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5, 6]], "attention_mask": [[1] * 3] * 2})
+    datasets.DatasetDict({"train": blocks}).save_to_disk(str(tmp_path / "lf"))
+    pt = get_datasets(DataArguments(**args, tokenized_path=str(tmp_path / "lf")), "pt", 0, smol_tokenizer)
+    assert pt.train["labels"] == [[1, 2, 3], [4, 5, 6]]
+    with pytest.raises(LmforgeError, match="has no labels column for stage sft"):
+        get_datasets(DataArguments(**args, tokenized_path=str(tmp_path / "lf")), "sft", 0, smol_tokenizer)
+
+
+def test_a_tokenized_path_holding_other_files_is_never_replaced(tmp_path, smol_tokenizer):
+    write_alpaca(tmp_path / "a.jsonl", "q", 4)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    args = DataArguments(dataset="a.jsonl", dataset_dir=str(tmp_path), template="chatml",
+                         tokenized_path=str(tmp_path / "mine"))
+    with pytest.raises(LmforgeError, match="exists and holds no tokenized dataset"):
+        get_datasets(args, "sft", 0, smol_tokenizer)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
