@@ -31,27 +31,36 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_digest(path: str | Path) -> str:
-    """A hash of the file's content, read once per version of the file.
+def file_digests(paths: list[str | Path]) -> dict[str, str]:
+    """A hash of each file's content (by resolved path), each version of a file read once.
 
-    Corpora can be tens of GB, so the digest is remembered in the cache under the file's full stat
-    (inode, size, mtime and ctime); a file whose stat is unchanged is not read again.
+    Corpora can be tens of GB in thousands of files, so the digests are remembered in the cache under each
+    file's full stat (inode, size, mtime and ctime): a file whose stat is unchanged is not read again, and the
+    memo is read once and written at most once per call.
     """
-    path = Path(path).resolve()
     memo_file = cache_root() / "file-digests.json"
     try:
         memo = json.loads(memo_file.read_text())
     except (OSError, json.JSONDecodeError):
         memo = {}
-    key = _stat_key(path)
-    entry = memo.get(str(path))
-    if entry and entry[0] == key:
-        return entry[1]
-    digest = _hash_file(path)
-    if _stat_key(path) == key:  # not changed while it was read
-        memo[str(path)] = [key, digest]
+    digests, changed = {}, False
+    for path in (Path(p).resolve() for p in paths):
+        key = _stat_key(path)
+        entry = memo.get(str(path))
+        if entry and entry[0] == key:
+            digests[str(path)] = entry[1]
+            continue
+        digests[str(path)] = _hash_file(path)
+        if _stat_key(path) == key:  # not changed while it was read
+            memo[str(path)], changed = [key, digests[str(path)]], True
+    if changed:
         _write_atomically(memo_file, json.dumps(memo))
-    return digest
+    return digests
+
+
+def file_digest(path: str | Path) -> str:
+    """A hash of one file's content (see `file_digests`)."""
+    return next(iter(file_digests([path]).values()))
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -17,7 +17,7 @@ import datasets
 import pyarrow.compute as pc
 
 from lmforge import __version__
-from lmforge.cache import cache_root, file_digest
+from lmforge.cache import cache_root, file_digests
 from lmforge.config import DataArguments
 from lmforge.data.catalogue import DatasetSpec, resolve_datasets
 from lmforge.data.formats import map_rows
@@ -75,6 +75,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def cache_key(args: DataArguments, stage: str, seed: int, specs: list[DatasetSpec], tokenizer: Any) -> str:
     """The cache folder name: a hash over the data files, the options that change tokenization, and the tokenizer."""
+    digests = file_digests([p for s in specs for p in s.files])
     keyed = {
         "version": [__version__, PROCESSING_VERSION],
         "stage": stage, "seed": seed,
@@ -84,7 +85,7 @@ def cache_key(args: DataArguments, stage: str, seed: int, specs: list[DatasetSpe
                                                   "identity_name", "identity_author", "packing",
                                                   "skip_invalid_examples")},
         "files": [[s.name, s.formatting, s.columns, s.tags, s.num_samples, s.ranking, s.placeholders,
-                   [[str(p.resolve()), file_digest(p)] for p in s.files]] for s in specs],
+                   [[str(p.resolve()), digests[str(p.resolve())]] for p in s.files]] for s in specs],
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
     return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import __version__
-from lmforge.cache import file_digest
+from lmforge.cache import file_digest, file_digests
 from lmforge.errors import LmforgeError
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def run_fingerprint(explicit: dict[str, Any], data_files: list[Path], deepspeed:
     version and the number of processes (which sets the global batch). A resume compares each with the
     checkpoint's and names the ones that changed."""
     return {"config": config_fingerprint(explicit), "lmforge": __version__, "world_size": world_size,
-            "data": {str(p.resolve()): file_digest(p) for p in data_files},
+            "data": file_digests(data_files),
             "deepspeed": file_digest(deepspeed) if isinstance(deepspeed, str) and Path(deepspeed).is_file() else None}
 
 
