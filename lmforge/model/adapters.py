@@ -48,18 +48,22 @@ def fill_base_model(model_args: ModelArguments, default: str | None = None) -> N
         model_args.tokenizer_name_or_path = adapters[-1]  # the adapter's tokenizer carries the trained template
 
 
-def inference_placement(device: str) -> dict[str, Any]:
-    """from_pretrained arguments that place an inference model: on an accelerator with device_map auto (spread
-    over several GPUs when one does not hold it), else on the CPU. `device`: auto, cpu or cuda."""
+def inference_device(device: str) -> str:
+    """The `device` option (auto, cpu, cuda) resolved to cpu or cuda: auto is cuda when a GPU is visible; cuda
+    without one is an error."""
     import torch
 
-    if device == "cpu":
-        return {}
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
     if not torch.cuda.is_available():
-        if device == "cuda":
-            raise LmforgeError("device cuda: no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES), or use --device cpu")
-        return {}
-    return {"device_map": "auto"}
+        raise LmforgeError("device cuda: no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES), or use --device cpu")
+    return "cuda"
+
+
+def inference_placement(device: str) -> dict[str, Any]:
+    """from_pretrained arguments that place an inference model: on the GPU with device_map auto (spread over
+    several when one does not hold it), else on the CPU. `device`: auto, cpu or cuda."""
+    return {"device_map": "auto"} if inference_device(device) == "cuda" else {}
 
 
 def load_merged(model_args: ModelArguments, reward_head: bool = False, device: str = "cpu") -> tuple[Any, Any]:

@@ -11,6 +11,7 @@ from lmforge.data.formats import RowError, split_system
 from lmforge.data.loader import locate_bad_line
 from lmforge.data.pairwise import answer_text, prompt_messages, validate_prompt
 from lmforge.errors import LmforgeError
+from lmforge.model.adapters import inference_device
 from lmforge.train.rewards import RewardModelScorer
 
 
@@ -45,17 +46,6 @@ def conversation(row: Any) -> tuple[str, list[dict[str, str]], str]:
     return system, messages, response
 
 
-def scoring_device(device: str) -> str:
-    """`device` resolved: auto is cuda when a GPU is visible, else cpu; cuda without one is an error."""
-    import torch
-
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise LmforgeError("device cuda: no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES), or use --device cpu")
-    return "cuda"
-
-
 def run_score(args: ScoreArguments) -> Path:
     """Score every row and write them, each with its `score`, to args.output; returns that path."""
     source = Path(args.input)
@@ -63,7 +53,7 @@ def run_score(args: ScoreArguments) -> Path:
     if target.exists():
         raise LmforgeError(f"output {target} exists: choose another --output (nothing is overwritten)")
     rows, sequences = [], []
-    scorer = RewardModelScorer(args.reward_model, args.template, device=scoring_device(args.device),
+    scorer = RewardModelScorer(args.reward_model, args.template, device=inference_device(args.device),
                                batch_size=args.batch_size)
     for number, row in read_rows(source):
         try:
