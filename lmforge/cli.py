@@ -65,7 +65,7 @@ def cmd_preprocess(argv: list[str]) -> None:
     from pathlib import Path
 
     from lmforge.config import parse_train_config
-    from lmforge.data.pipeline import build_datasets, save_prepared, tokenized_dir
+    from lmforge.data.pipeline import build_datasets, check_tokenized_path, save_prepared
     from lmforge.train.recipe import prepare_tokenizer
 
     config = parse_train_config(argv)
@@ -74,8 +74,7 @@ def cmd_preprocess(argv: list[str]) -> None:
     if config.data.streaming:
         raise LmforgeError("preprocess cannot save streamed data: set streaming: false")
     path = Path(config.data.tokenized_path)
-    if path.exists() and any(path.iterdir()) and tokenized_dir(path) is None:
-        raise LmforgeError(f"tokenized_path {path} exists and is not an lmforge dataset: choose another path")
+    check_tokenized_path(path)
     tokenizer = prepare_tokenizer(config)
     data = build_datasets(config.data, config.finetuning.stage, config.training.seed, tokenizer)
     save_prepared(data, path)

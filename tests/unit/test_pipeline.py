@@ -250,3 +250,16 @@ def test_a_tokenized_path_holding_other_files_is_never_replaced(tmp_path, smol_t
     with pytest.raises(LmforgeError, match="exists and holds no tokenized dataset"):
         get_datasets(args, "sft", 0, smol_tokenizer)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_preprocess_refuses_a_tokenized_path_that_is_a_file_or_holds_other_files(tmp_path, capsys):
+    from lmforge.cli import main
+
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("mine")
+    for target in ("file", "folder"):
+        assert main(["preprocess", "--dataset", "a.jsonl", "--output_dir", "o",
+                     "--tokenized_path", str(tmp_path / target)]) == 2
+        assert "holds no tokenized dataset" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == (tmp_path / "folder" / "notes.txt").read_text() == "mine"
