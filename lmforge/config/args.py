@@ -347,7 +347,7 @@ class RLArguments:
             raise LmforgeError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.kl_beta < 0:
             raise LmforgeError(f"kl_beta must be >= 0, got {self.kl_beta}")
-        weights = self.weights
+        weights = self.reward_weights
         if weights is not None and len(weights) != len(self.sources):
             raise LmforgeError(f"reward_weights has {len(weights)} values but there are {len(self.sources)} reward "
                                f"sources ({', '.join(self.sources) or 'none'}): give one weight per source")
@@ -359,10 +359,6 @@ class RLArguments:
     @property
     def sources(self) -> list[str]:
         return ([self.reward_model] if self.reward_model else []) + self.functions
-
-    @property
-    def weights(self) -> list[float] | None:
-        return self.reward_weights
 
 
 @dataclass

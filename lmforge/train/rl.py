@@ -40,7 +40,7 @@ def grpo_config(config: TrainConfig) -> GRPOConfig:
     return trl_config(
         GRPOConfig, config.training, num_generations=rl.num_generations, max_completion_length=rl.max_new_tokens,
         temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k, beta=rl.kl_beta, loss_type=rl.rl_loss,
-        reward_weights=rl.weights, train_sampling_strategy="random")  # TRL's sampler repeats each prompt
+        reward_weights=rl.reward_weights, train_sampling_strategy="random")  # TRL's sampler repeats each prompt
 
 
 def check_answers(config: TrainConfig, data: Any) -> None:
