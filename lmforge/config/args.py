@@ -697,6 +697,15 @@ def _env_default(value: Any, env: str, default: Any) -> Any:
     return value if value is not None else os.environ.get(env) or default
 
 
+def _env_port(value: int | None, env: str, default: int) -> int:
+    """A port option's value, else the environment variable `env` (which must be a number), else `default`."""
+    port = _env_default(value, env, default)
+    try:
+        return int(port)
+    except ValueError:
+        raise LmforgeError(f"{env} must be a port number, got {port!r}") from None
+
+
 @dataclass
 class ApiArguments:
     """Where `lmforge api` listens and what it lets a client do."""
@@ -720,11 +729,7 @@ class ApiArguments:
 
     def __post_init__(self) -> None:
         self.api_host = _env_default(self.api_host, "API_HOST", "127.0.0.1")
-        port = _env_default(self.api_port, "API_PORT", 8000)
-        try:
-            self.api_port = int(port)
-        except ValueError:
-            raise LmforgeError(f"API_PORT must be a port number, got {port!r}") from None
+        self.api_port = _env_port(self.api_port, "API_PORT", 8000)
         self.api_key = _env_default(self.api_key, "API_KEY", None)
         if not 0 <= self.api_port <= 65535:
             raise LmforgeError(f"api_port must be in 0..65535 (0: any free port), got {self.api_port}")
@@ -749,10 +754,6 @@ class WebuiArguments:
 
     def __post_init__(self) -> None:
         self.webui_host = _env_default(self.webui_host, "GRADIO_SERVER_NAME", "127.0.0.1")
-        port = _env_default(self.webui_port, "GRADIO_SERVER_PORT", 7860)
-        try:
-            self.webui_port = int(port)
-        except ValueError:
-            raise LmforgeError(f"GRADIO_SERVER_PORT must be a port number, got {port!r}") from None
+        self.webui_port = _env_port(self.webui_port, "GRADIO_SERVER_PORT", 7860)
         if not 0 < self.webui_port <= 65535:
             raise LmforgeError(f"webui_port must be in 1..65535, got {self.webui_port}")
