@@ -176,6 +176,12 @@ class ModelServer:
             job.stop_event.set()
             watcher.cancel()
 
+    async def respond(self, job: Job, stream: bool, request: Request) -> Any:
+        """The response to a started job: server-sent events when the request streams, else one JSON body."""
+        if stream:
+            return StreamingResponse(self.events(job, request), media_type="text/event-stream")
+        return await self.whole(job, request)
+
     async def whole(self, job: Job, request: Request) -> dict[str, Any]:
         """The non-streamed response."""
         try:
@@ -262,17 +268,11 @@ def create_app(server: ModelServer) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        job = server.chat_job(body)
-        if body.stream:
-            return StreamingResponse(server.events(job, request), media_type="text/event-stream")
-        return await server.whole(job, request)
+        return await server.respond(server.chat_job(body), body.stream, request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        job = server.completion_job(body)
-        if body.stream:
-            return StreamingResponse(server.events(job, request), media_type="text/event-stream")
-        return await server.whole(job, request)
+        return await server.respond(server.completion_job(body), body.stream, request)
 
     return app
 
