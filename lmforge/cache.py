@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from lmforge.atomic import write_text_atomically
 
 CHUNK = 1 << 20
 
@@ -54,7 +55,7 @@ def file_digests(paths: list[str | Path]) -> dict[str, str]:
         if _stat_key(path) == key:  # not changed while it was read
             memo[str(path)], changed = [key, digests[str(path)]], True
     if changed:
-        _write_atomically(memo_file, json.dumps(memo))
+        _write_memo(memo_file, json.dumps(memo))
     return digests
 
 
@@ -63,12 +64,8 @@ def file_digest(path: str | Path) -> str:
     return next(iter(file_digests([path]).values()))
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _write_memo(path: Path, text: str) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        write_text_atomically(path, text)
     except OSError:
         pass  # a read-only cache only costs hashing again next time

@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from lmforge import __version__
+from lmforge.atomic import write_text_atomically
 from lmforge.config.args import DataArguments, EvalArguments, ModelArguments
 from lmforge.errors import LmforgeError
 from lmforge.eval.benchmarks import Subject
@@ -155,12 +154,8 @@ TASKS: dict[str, Callable[[EvalRun], dict[str, Any]]] = {
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write through a temporary file renamed into place, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write the results whole (a reader never sees half a file)."""
+    write_text_atomically(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
 def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:

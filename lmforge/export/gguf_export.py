@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge.atomic import write_text_atomically
 from lmforge.config import ExportArguments, ModelArguments
 from lmforge.data.templates import TemplateSpec
 from lmforge.export.gguf import gguf_arch, write_gguf
@@ -38,13 +38,6 @@ def plan_gguf(model_args: ModelArguments, tokenizer: Any, args: ExportArguments)
     name = Path(str(model_args.model_name_or_path)).name
     # transformers reads a file named exactly "mistral" as a GGUF architecture "mistral", which gguf-py lacks
     return GgufPlan(args.gguf_type or "f16", f"{name}-model" if name == "mistral" else name, spec)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write beside the target, then rename: never a partial file in place."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
 
 
 def save_gguf(plan: GgufPlan, model: Any, tokenizer: Any, out: Path) -> dict[str, Any]:
