@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import sys
 from typing import Callable
 
@@ -85,14 +86,19 @@ def cmd_chat(argv: list[str]) -> None:
     """Chat with a model in the terminal (streamed replies, history kept; `clear`, `exit`), or answer
     one --query and exit. With no model given it uses the embedded smollm2-135m-instruct."""
     from lmforge.config.parser import CHAT_GROUPS, build_groups, merge_sources
-    from lmforge.serve.chat import ChatEngine, load_for_inference, run_repl
+    from lmforge.serve.chat import ChatEngine, load_for_inference, read_tools_file, run_repl
 
     _, raw = merge_sources(argv)
     model_args, gen = build_groups(raw, CHAT_GROUPS)
+    if gen.tools:
+        read_tools_file(gen.tools)  # a bad file fails before the model loads
     tokenizer, model = load_for_inference(model_args, gen.device, gen.infer_dtype)
     engine = ChatEngine(tokenizer, model, gen)
     if gen.query is not None:
-        print(engine.reply([{"role": "user", "content": gen.query}]).strip())
+        reply = engine.reply([{"role": "user", "content": gen.query}]).strip()
+        calls = engine.tool_calls(reply) if engine.tools else None
+        print(json.dumps([{"name": c.name, "arguments": json.loads(c.arguments)} for c in calls],
+                         ensure_ascii=False) if calls else reply)
         return
     run_repl(engine)
 
@@ -188,7 +194,7 @@ def cmd_data(argv: list[str]) -> None:
     loss, and rendered examples with the trained tokens marked."""
     from lmforge.config.parser import DOCTOR_GROUPS, TrainConfig, build_groups, merge_sources
     from lmforge.data.doctor import run_data_check
-    from lmforge.data.templates import get_template
+    from lmforge.data.templates import template_for
     from lmforge.model.loader import load_tokenizer
 
     if not argv or argv[0] != "check":
@@ -199,17 +205,29 @@ def cmd_data(argv: list[str]) -> None:
     tokenizer = load_tokenizer(model)
     original = tokenizer.chat_template
     if finetuning.spec.template:
-        get_template(data.template, tokenizer)  # an unknown template fails here, before any work
+        template_for(data, tokenizer)  # an unknown template fails here, before any work
     run_data_check(config, doctor, tokenizer, original)
 
 
 def cmd_templates(argv: list[str]) -> None:
-    """List the chat templates of the catalogue."""
+    """List the chat templates of the catalogue: what each renders and where its parity was checked."""
     from lmforge.data.templates import load_catalogue
 
-    print("auto: the tokenizer's own chat_template (default)")
-    for name, spec in load_catalogue().items():
-        print(f"{name}: {spec.description}")
+    catalogue = load_catalogue()
+    if argv and argv[0] in catalogue:  # one template in full
+        spec = catalogue[argv[0]]
+        for key, value in vars(spec).items():
+            if value not in ("", None, ()) and key != "name":
+                print(f"{key}: {value!r}")
+        return
+    print(f"{len(catalogue) + 1} templates (`lmforge templates NAME` shows one in full)")
+    print(f"{'name':<26} {'kind':<16} features / parity checked against")
+    print(f"{'auto':<26} {'tokenizer':<16} the tokenizer's own chat_template (default)")
+    for name, spec in catalogue.items():
+        checked = ["LLaMA-Factory 0.9.5" if spec.source == "llamafactory" else "lmforge"]
+        if spec.official:
+            checked.append(f"official: {spec.official}")
+        print(f"{name:<26} {spec.kind:<16} {', '.join(spec.features)} / {'; '.join(checked)}")
 
 
 def cmd_models(argv: list[str]) -> None:

@@ -120,6 +120,20 @@ class DataArguments:
         "Chat template for sft: `auto` renders with the tokenizer's own chat_template; otherwise a "
         "catalogue name (see `lmforge templates`).",
     )
+    enable_thinking: bool | None = _opt(
+        True, "Reasoning templates (qwen3, deepseekr1, ...): true trains the replies' thoughts (an empty "
+        "<think></think> is added to a reply without one, and trained); false removes thoughts and puts the empty "
+        "block in the untrained prompt, as the model's non-thinking mode renders it.",
+    )
+    preserve_thinking: bool = _opt(
+        False, "Reasoning templates: keep the thoughts of earlier replies too (default: only the last reply keeps "
+        "its thought, as the official templates render a conversation; LLaMA-Factory keeps them all).",
+    )
+    tool_format: str | None = _opt(
+        None, "How tools and tool calls are written (default: the template's own), e.g. default, qwen, llama3, "
+        "mistral, glm4.",
+    )
+    default_system: str | None = _opt(None, "System prompt used when a conversation has none (replaces the template's).")
     cutoff_len: int = _opt(
         2048,
         "Maximum tokens per example. pt: block length. sft: applies to the whole rendered conversation; "
@@ -508,6 +522,14 @@ class GenerationArguments:
         "auto", "Chat template used to render the prompt: auto (the tokenizer's own) or a catalogue name."
     )
     system: str | None = _opt(None, "System prompt; when unset the template's default system prompt applies.")
+    enable_thinking: bool | None = _opt(
+        True, "Reasoning templates: false starts each reply with an empty thought block (the non-thinking mode).")
+    tool_format: str | None = _opt(None, "How tools and tool calls are written (default: the template's own).")
+    default_system: str | None = _opt(None, "Replaces the template's default system prompt.")
+    tools: str | None = _opt(
+        None, "A JSON file with the tools the model may call (a list of OpenAI-style function descriptions); "
+        "replies that call them are printed as JSON.",
+    )
     temperature: float = _opt(
         0.0, "Sampling temperature; 0 (default) is greedy decoding, which small models answer best with."
     )

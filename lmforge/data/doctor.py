@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +15,11 @@ import numpy as np
 from lmforge.config import DataArguments
 from lmforge.data.pipeline import LoadReport, load_conversations
 from lmforge.data.processors import IGNORE_INDEX, MaskPolicy, Status, encode_sft_batch
-from lmforge.data.templates import Renderer, get_template, template_mismatch
+from lmforge.data.templates import Renderer, template_for, template_mismatch
 from lmforge.errors import LmforgeError
 from lmforge.stages import STAGES
 
-GREEN, RESET = "\033[1;32m", "\033[0m"
+GREEN, MAGENTA, RESET = "\033[1;32m", "\033[1;35m", "\033[0m"
 
 
 @dataclass
@@ -61,12 +62,27 @@ def trained_runs(tokenizer: Any, ids: list[int], labels: list[int]) -> list[tupl
     return [(trained, tokenizer.decode(tokens)) for trained, tokens in runs]
 
 
-def highlight(tokenizer: Any, ids: list[int], labels: list[int], color: bool) -> str:
-    """The example's text with every trained token marked: green in a terminal, [[...]] otherwise."""
+def highlight(tokenizer: Any, ids: list[int], labels: list[int], color: bool,
+              thought_words: tuple[str, str] | None = None) -> str:
+    """The example's text with every trained token marked: green in a terminal, [[...]] otherwise. With a
+    reasoning template the thoughts are marked apart: magenta, or {{think: ...}} (inside [[ ]] when trained)."""
     parts = []
     for trained, text in trained_runs(tokenizer, ids, labels):
-        parts.append((f"{GREEN}{text}{RESET}" if color else f"[[{text}]]") if trained else text)
+        for is_thought, piece in _thought_pieces(text, thought_words):
+            if is_thought:
+                piece = f"{MAGENTA}{piece}{RESET}" if color else "{{think: " + piece + "}}"
+            parts.append((f"{GREEN}{piece}{RESET}" if color and not is_thought else f"[[{piece}]]" if not color
+                          else piece) if trained else piece)
     return "".join(parts)
+
+
+def _thought_pieces(text: str, words: tuple[str, str] | None) -> list[tuple[bool, str]]:
+    """The text cut into (is thought, piece): a thought runs from the first to the second thought word."""
+    if not words:
+        return [(False, text)]
+    first, last = words[0].strip(), words[1].strip()
+    pattern = re.compile(f"({re.escape(first)}.*?{re.escape(last)})", re.DOTALL)
+    return [(bool(i % 2), piece) for i, piece in enumerate(pattern.split(text)) if piece]
 
 
 def _length_stats(lengths: np.ndarray) -> dict[str, float]:
@@ -97,7 +113,10 @@ def save_histogram(lengths: np.ndarray, cutoff: int, path: Path) -> Path:
 
 
 def _encode(ds: Any, tokenizer: Any, template: Renderer, policy: MaskPolicy) -> dict[str, list[Any]]:
-    return encode_sft_batch({"_system": ds["_system"], "_messages": ds["_messages"]}, tokenizer, template, policy)
+    batch = {"_system": ds["_system"], "_messages": ds["_messages"]}
+    if "_tools" in ds.column_names:
+        batch["_tools"] = ds["_tools"]
+    return encode_sft_batch(batch, tokenizer, template, policy)
 
 
 def check_sft(args: DataArguments, tokenizer: Any, original_template: str | None, seed: int, show: int,
@@ -110,7 +129,7 @@ def check_sft(args: DataArguments, tokenizer: Any, original_template: str | None
     report = DataReport(rows=load.rows, invalid=load.invalid)
     keys = [json.dumps([s, m], sort_keys=True) for s, m in zip(ds["_system"], ds["_messages"])]
     report.duplicates = len(keys) - len(set(keys))
-    template = get_template(args.template, tokenizer)
+    template = template_for(args, tokenizer)
     report.template_warning = _template_warning(template, tokenizer, original_template, ds)
     policy = MaskPolicy(args.cutoff_len, args.train_on_prompt, args.mask_history)
     full = _encode(ds, tokenizer, template, MaskPolicy(None, args.train_on_prompt, args.mask_history))
@@ -124,7 +143,9 @@ def check_sft(args: DataArguments, tokenizer: Any, original_template: str | None
     if len(lengths):
         report.histogram = str(save_histogram(lengths, args.cutoff_len, report_dir / "length_histogram.png"))
     kept = [i for i, s in enumerate(cut["_status"]) if s != Status.DROPPED][:show]
-    report.examples = [highlight(tokenizer, cut["input_ids"][i], cut["labels"][i], color) for i in kept]
+    spec = getattr(template, "spec", None)
+    thoughts = spec.thought_words if spec is not None and spec.reasoning else None
+    report.examples = [highlight(tokenizer, cut["input_ids"][i], cut["labels"][i], color, thoughts) for i in kept]
     return report
 
 

@@ -6,6 +6,7 @@ user, ... and every assistant turn has text. Trailing user turns (no target) are
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 import datasets
@@ -104,48 +105,133 @@ def alpaca_converter(spec: DatasetSpec, present: list[str]) -> Converter:
     return convert
 
 
+def _tool_calls_json(calls: Any) -> str:
+    """OpenAI `tool_calls` -> the JSON list of {name, arguments} a function message holds (LLaMA-Factory's
+    shape), with arguments given as JSON text parsed to an object."""
+    out = []
+    for call in calls if isinstance(calls, list) else []:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or "name" not in function:
+            raise RowError("each tool_calls entry needs a function with a name")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as err:
+                raise RowError(f"tool call '{function['name']}': arguments are not valid JSON ({err.msg})") from None
+        out.append({"name": function["name"], "arguments": arguments})
+    if not out:
+        raise RowError("tool_calls must be a non-empty list of calls")
+    return json.dumps(out, ensure_ascii=False)
+
+
 def sharegpt_converter(spec: DatasetSpec, present: list[str]) -> Converter:
-    """A converter from sharegpt or openai message lists to the shared turn columns."""
+    """A converter from sharegpt or openai message lists to the shared turn columns. Tool calls come as
+    `function_call` turns (JSON {name, arguments}) or OpenAI assistant `tool_calls`; tool results as
+    `observation` turns or OpenAI `tool` messages (consecutive ones joined, as LLaMA-Factory does)."""
     column = spec.columns.get("messages", "messages" if spec.formatting == "openai" else "conversations")
     system_column = spec.column("system")
     require_columns(spec, {"messages": column, "system": system_column}, present)
     tag = spec.tag
-    roles = {tag("user_tag"): "user", tag("assistant_tag"): "assistant", tag("system_tag"): "system"}
-    unsupported = {tag("observation_tag"), tag("function_tag")}
+    roles = {tag("user_tag"): "user", tag("assistant_tag"): "assistant", tag("system_tag"): "system",
+             tag("observation_tag"): "observation", tag("function_tag"): "function"}
 
     def convert(row: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
         turns = row.get(column)
         if not isinstance(turns, list) or not turns:
             raise RowError(f"'{column}' must be a non-empty list of messages")
-        messages = []
+        messages: list[dict[str, str]] = []
         for turn in turns:
-            if not isinstance(turn, dict) or tag("role_tag") not in turn or tag("content_tag") not in turn:
+            if not isinstance(turn, dict) or tag("role_tag") not in turn or (
+                    tag("content_tag") not in turn and not turn.get("tool_calls")):
                 raise RowError(f"each message needs '{tag('role_tag')}' and '{tag('content_tag')}' keys "
                                f"(set `tags` in dataset_info.json for other names)")
             role = turn[tag("role_tag")]
-            if role in unsupported:
-                raise RowError(f"role '{role}' (tool calls) is not supported yet")
             if role not in roles:
                 raise RowError(f"unknown role '{role}'; known: {', '.join(roles)} (map others with `tags`)")
-            messages.append({"role": roles[role], "content": _text(turn[tag("content_tag")], "message content")})
+            role = roles[role]
+            if role == "assistant" and turn.get("tool_calls"):
+                role, content = "function", _tool_calls_json(turn["tool_calls"])
+            else:
+                content = _text(turn.get(tag("content_tag")), "message content")
+            if role == "function":
+                _check_calls(content)
+            if role == "observation" and messages and messages[-1]["role"] == "observation":
+                messages[-1]["content"] += "\n</tool_response>\n<tool_response>\n" + content
+                continue
+            messages.append({"role": role, "content": content})
         return split_system(messages, _text(row.get(system_column), system_column) if system_column else "")
 
     return convert
 
 
+def _check_calls(content: str) -> None:
+    from lmforge.data.tools import calls_from_json
+
+    try:
+        calls_from_json(_strip_call_wrapping(content))
+    except ValueError as err:  # its message starts with "function call:"
+        raise RowError(str(err)) from None
+
+
+def _strip_call_wrapping(content: str) -> str:
+    """The JSON of a function message, without a leading thought or <tool_call> words around it."""
+    if "<tool_call>" in content and "</tool_call>" in content:
+        return content.split("<tool_call>", 1)[1].split("</tool_call>", 1)[0]
+    if "</think>" in content:
+        return content.rsplit("</think>", 1)[1]
+    return content
+
+
+def tools_getter(spec: DatasetSpec, present: list[str]) -> Callable[[dict[str, Any]], str]:
+    """The row's `tools` column (columns.tools, default `tools` when present) as JSON text, checked."""
+    from lmforge.data.tools import parse_tools
+
+    column = spec.columns.get("tools", "tools" if "tools" in present else None)
+    require_columns(spec, {"tools": column}, present)
+
+    def get(row: dict[str, Any]) -> str:
+        value = row.get(column) if column else None
+        if value in (None, "", []):
+            return ""
+        try:
+            return json.dumps(parse_tools(value), ensure_ascii=False)
+        except ValueError as err:  # its message starts with "tools"
+            raise RowError(str(err) if column == "tools" else f"column '{column}': {err}") from None
+
+    return get
+
+
+MEDIA_COLUMNS = ("images", "videos", "audios")
+
+
+def refuse_media(spec: DatasetSpec, present: list[str]) -> None:
+    """Rows with images, videos or audio are refused up front: multimodal training is not supported yet."""
+    for key in MEDIA_COLUMNS:
+        column = spec.columns.get(key, key)
+        if column in present:
+            raise LmforgeError(
+                f"dataset '{spec.name}': column '{column}' holds {key}: multimodal training is not supported yet; "
+                f"lmforge trains on the text turns only (drop the column, or `columns.{key}`, to train on the text)")
+
+
 def validate_conversation(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Alternating user/assistant turns ending with a non-empty assistant turn."""
-    while messages and messages[-1]["role"] == "user":
+    """Turns alternating prompt (user or observation) and reply (assistant or function), ending with a
+    non-empty reply. Trailing prompts (no target) are dropped."""
+    while messages and messages[-1]["role"] in ("user", "observation"):
         messages = messages[:-1]
     if not messages:
         raise RowError("no assistant turn to learn from")
     for i, message in enumerate(messages):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise RowError(f"turn {i + 1} is '{message['role']}' but '{expected}' was expected "
+        expected = ("user", "observation") if i % 2 == 0 else ("assistant", "function")
+        if message["role"] not in expected:
+            other = "a tool result" if i % 2 == 0 else "a tool call"
+            raise RowError(f"turn {i + 1} is '{message['role']}' but '{expected[0]}' (or {other}) was expected "
                            f"(turns must alternate user, assistant after an optional system message)")
-        if expected == "assistant" and not message["content"].strip():
+        if i % 2 and not message["content"].strip():
             raise RowError(f"turn {i + 1}: empty assistant message")
+    if messages[0]["role"] != "user":
+        raise RowError("the conversation must open with a user message")
     return messages
 
 
@@ -163,6 +249,7 @@ TURN_FEATURES = {
     "_invalid": datasets.Value("string"),
 }
 CONVERSATION_FEATURES = datasets.Features(TURN_FEATURES)
+CHAT_FEATURES = {**TURN_FEATURES, "_tools": datasets.Value("string")}  # sft rows: the tools offered, as JSON
 RowConverter = Callable[[dict[str, Any], Callable[[str], str]], dict[str, Any]]
 
 
@@ -203,14 +290,17 @@ def to_conversations(ds: datasets.Dataset, spec: DatasetSpec, stage: str, num_pr
     if formatting == "text":
         raise LmforgeError(f"dataset '{spec.name}' is plain text; stage sft needs alpaca, sharegpt or openai rows")
     spec.formatting = formatting  # detected formats pick their own column and tag defaults
+    refuse_media(spec, present)
     convert = alpaca_converter(spec, present) if formatting == "alpaca" else sharegpt_converter(spec, present)
+    tools = tools_getter(spec, present)
 
     def conversation(row: dict[str, Any], fill: Callable[[str], str]) -> dict[str, Any]:
         system, messages = convert(row)
-        return {"_system": fill(system), "_messages": validate_conversation(fill_turns(messages, fill))}
+        return {"_system": fill(system), "_messages": validate_conversation(fill_turns(messages, fill)),
+                "_tools": tools(row)}
 
-    return convert_rows(ds, spec, conversation, TURN_FEATURES, {"_system": "", "_messages": []}, present, num_proc,
-                        placeholders, skip_invalid)
+    return convert_rows(ds, spec, conversation, CHAT_FEATURES, {"_system": "", "_messages": [], "_tools": ""},
+                        present, num_proc, placeholders, skip_invalid)
 
 
 def to_text(ds: datasets.Dataset, spec: DatasetSpec, num_proc: int | None = None,

@@ -67,8 +67,10 @@ def cut_turns(turn_of: np.ndarray, in_response: np.ndarray, cutoff: int | None) 
 
 
 def encode_conversation(rendered: Rendered, ids: list[int], offsets: list[tuple[int, int]],
-                        policy: MaskPolicy) -> tuple[list[int], list[int], Status]:
-    """(input_ids, labels, status) for one rendered conversation tokenized as a whole."""
+                        policy: MaskPolicy, eos_id: int | None = None) -> tuple[list[int], list[int], Status]:
+    """(input_ids, labels, status) for one rendered conversation tokenized as a whole. With an efficient_eos
+    template the token that opens each later prompt is labelled EOS (LLaMA-Factory's rule): the reply before
+    it learns to stop there."""
     turn_of, in_response = token_roles(rendered, offsets)
     keep, last_turn, status = cut_turns(turn_of, in_response, policy.cutoff_len)
     if status == Status.DROPPED:
@@ -82,18 +84,23 @@ def encode_conversation(rendered: Rendered, ids: list[int], offsets: list[tuple[
             trained &= turn_of[:keep] == last_turn
     if not trained.any():
         return [], [], Status.DROPPED
-    labels = np.where(trained, np.asarray(ids_kept, dtype=np.int64), IGNORE_INDEX).tolist()
-    return ids_kept, labels, status
+    labels = np.where(trained, np.asarray(ids_kept, dtype=np.int64), IGNORE_INDEX)
+    if rendered.eos_labels and eos_id is not None and not policy.train_on_prompt and not policy.mask_history:
+        starts = np.fromiter((s for s, _ in offsets[:keep]), dtype=np.int64, count=keep)
+        labels[np.isin(starts, rendered.eos_labels)] = eos_id
+    return ids_kept, labels.tolist(), status
 
 
 def encode_sft_batch(batch: dict[str, list[Any]], tokenizer: Any, template: Renderer,
                      policy: MaskPolicy) -> dict[str, list[Any]]:
     """Batched `datasets.map` function: `_system`, `_messages` -> input_ids, attention_mask, labels."""
-    rendered = [template.render(s or "", m) for s, m in zip(batch["_system"], batch["_messages"])]
+    tools = batch.get("_tools") or [""] * len(batch["_system"])
+    rendered = [template.render(s or "", m, t or "") for s, m, t in zip(batch["_system"], batch["_messages"], tools)]
     enc = tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    eos_id = tokenizer.convert_tokens_to_ids(template.eos_token) if getattr(template, "eos_token", "") else None
     out: dict[str, list[Any]] = {k: [] for k in ("input_ids", "attention_mask", "labels", "_status", "_loss_tokens")}
     for r, ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
-        ids_kept, labels, status = encode_conversation(r, ids, offsets, policy)
+        ids_kept, labels, status = encode_conversation(r, ids, offsets, policy, eos_id)
         out["input_ids"].append(ids_kept)
         out["attention_mask"].append([1] * len(ids_kept))
         out["labels"].append(labels)
@@ -110,11 +117,10 @@ def pt_encoder(args: Any, tokenizer: Any) -> Callable[[dict[str, list[Any]]], di
 
 def sft_encoder(args: Any, tokenizer: Any) -> Callable[[dict[str, list[Any]]], dict[str, list[Any]]]:
     """Stage sft's batched tokenizer: conversations rendered with the template and masked by the policy."""
-    from lmforge.data.templates import get_template
+    from lmforge.data.templates import template_for
 
     policy = MaskPolicy(args.cutoff_len, args.train_on_prompt, args.mask_history)
-    return partial(encode_sft_batch, tokenizer=tokenizer, template=get_template(args.template, tokenizer),
-                   policy=policy)
+    return partial(encode_sft_batch, tokenizer=tokenizer, template=template_for(args, tokenizer), policy=policy)
 
 
 def encode_pt_batch(batch: dict[str, list[Any]], tokenizer: Any, block_size: int) -> dict[str, list[Any]]:

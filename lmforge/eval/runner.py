@@ -97,7 +97,7 @@ def run_perplexity(run: EvalRun) -> dict[str, Any]:
 
 def run_generation(run: EvalRun) -> dict[str, Any]:
     """Replies to every row's prompt, scored against its reference; writes generated_predictions.jsonl."""
-    from lmforge.data.templates import get_template, stop_token_ids
+    from lmforge.data.templates import stop_token_ids, template_for
     from lmforge.eval.generation import Generator, evaluate_generation, generation_rows
 
     if run.args.stage != "sft" or run.data.train_on_prompt:
@@ -107,7 +107,7 @@ def run_generation(run: EvalRun) -> dict[str, Any]:
         rows = generation_rows(run.rows("sft"), run.tokenizer)
     except LmforgeError as err:
         raise LmforgeError(f"generation needs a reference reply in every row: {err}") from None
-    template = get_template(run.data.template, run.tokenizer)
+    template = template_for(run.data, run.tokenizer)
     a = run.args
     generator = Generator(run.model, run.tokenizer, stop_token_ids(run.tokenizer, template),
                           tuple(template.stop_words), a.max_new_tokens, a.temperature, a.top_p, a.repetition_penalty)
@@ -128,11 +128,11 @@ def find_choice_benchmark(args: EvalArguments) -> Benchmark:
 
 def run_choice(run: EvalRun) -> dict[str, Any]:
     """A multiple-choice benchmark from task_dir, per subject, per category and overall."""
-    from lmforge.data.templates import get_template
+    from lmforge.data.templates import template_for
     from lmforge.eval.choice import ChoiceScorer, evaluate_choice
 
     a, bench = run.args, run.benchmark
-    scorer = ChoiceScorer(run.model, run.tokenizer, get_template(run.data.template, run.tokenizer), a.lang)
+    scorer = ChoiceScorer(run.model, run.tokenizer, template_for(run.data, run.tokenizer), a.lang)
     title = f"{bench.folder.name} {bench.split}, {a.n_shot}-shot"
     summary = evaluate_choice(scorer, bench.subjects, bench.split, a.n_shot, a.batch_size, run.data.max_samples,
                               run.output_dir, title)

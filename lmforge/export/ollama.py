@@ -29,30 +29,29 @@ def training_template(tokenizer: Any, name: str | None) -> TemplateSpec:
 
 
 def _slot(slot: str, content: str, tokens: dict[str, str]) -> str:
-    """A catalogue slot as Go-template text: {content} becomes an action, BOS/EOS their literal text."""
+    """A catalogue slot as Go-template text: {{content}} becomes an action, BOS/EOS their literal text."""
     for key, value in tokens.items():
         slot = slot.replace(key, value)
-    return slot.replace("{content}", "{{ " + content + " }}")
+    return slot.replace("{{content}}", "{{ " + content + " }}").replace("{{idx}}", "{{ $i }}")
 
 
 def go_template(spec: TemplateSpec, bos: str, eos: str, add_bos: bool) -> str:
-    """The template as Ollama's TEMPLATE. The prefix's BOS is left out when llama.cpp adds BOS itself."""
-    tokens = {"{bos_token}": bos, "{eos_token}": eos}
+    """The template as Ollama's TEMPLATE. The prefix's BOS is left out when llama.cpp adds BOS itself. A user
+    message carries the reply's opening (the generation prompt), as the catalogue's user slot does."""
+    tokens = {"{{bos_token}}": bos, "{{eos_token}}": eos}
     prefix = _slot(spec.prefix, "", tokens)
     if add_bos and bos and prefix.startswith(bos):
         prefix = prefix[len(bos):]
     user_before, _, user_after = _slot(spec.user, ".Content", tokens).partition("{{ .Content }}")
     reply_before, _, reply_after = _slot(spec.assistant, ".Content", tokens).partition("{{ .Content }}")
-    opening = _slot(spec.assistant_prefix, "", tokens)
-    if spec.system_in_user:  # the system prompt opens the first user message
+    if spec.kind == "llama2":  # the system prompt opens the first user message
         head = prefix + "{{ $system := .System }}"
         system = "{{ if $system }}" + _slot(spec.system, "$system", tokens) + '{{ $system = "" }}{{ end }}'
     else:
         head = prefix + "{{ if .System }}" + _slot(spec.system, ".System", tokens) + "{{ end }}"
         system = ""
-    user = user_before + system + "{{ .Content }}" + user_after + "{{ if $last }}" + opening + "{{ end }}"
-    reply = opening + reply_before + "{{ .Content }}{{ if not $last }}" + reply_after + \
-        _slot(spec.assistant_suffix, "", tokens) + "{{ end }}"
+    user = user_before + system + "{{ .Content }}" + user_after
+    reply = reply_before + "{{ .Content }}" + ("{{ if not $last }}" + reply_after + "{{ end }}" if reply_after else "")
     return head + RANGE + '{{ if eq .Role "user" }}' + user + '{{ else if eq .Role "assistant" }}' + reply + \
         "{{ end }}{{ end }}"
 

@@ -6,6 +6,7 @@ generation at the next token."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
@@ -74,6 +75,14 @@ class Job:
     chunks: ChunkFactory
     stop_event: Event
     include_usage: bool
+    tools: bool = False  # the request offered tools: a reply that calls them is answered as tool_calls
+
+    def tool_calls(self, engine: ChatEngine, text: str) -> list[dict[str, Any]] | None:
+        """The reply's tool calls in OpenAI's shape, when tools were offered and the reply calls them."""
+        from lmforge.data.tools import calls_to_openai
+
+        calls = engine.tool_calls(text) if self.tools else None
+        return calls_to_openai(calls) if calls else None
 
     @property
     def finish_reason(self) -> str:
@@ -83,17 +92,43 @@ class Job:
 
 def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
     """The request's messages as the chat template takes them: an optional system message first, then
-    user and assistant turns alternating, ending with the user's."""
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages]
-    if any(m["role"] == "tool" for m in messages):
-        raise ApiError(400, "tool messages are not supported: the chat template cannot render tools yet",
-                       param="messages")
-    turns = messages[1:] if messages[0]["role"] == "system" else messages
-    expected = ["user", "assistant"] * len(turns)
-    if not turns or [m["role"] for m in turns] != expected[:len(turns)] or turns[-1]["role"] != "user":
+    prompts (user, or tool results) and replies (assistant text, or its tool calls) alternating, ending with
+    a prompt. Consecutive tool results are joined into one observation, as in training data."""
+    from lmforge.data.formats import RowError, _tool_calls_json
+
+    messages: list[dict[str, str]] = []
+    for i, m in enumerate(request.messages):
+        role = {"developer": "system", "tool": "observation"}.get(m.role, m.role)
+        content = m.text()
+        if role == "assistant" and m.tool_calls:
+            try:
+                role, content = "function", _tool_calls_json(m.tool_calls)
+            except RowError as err:
+                raise ApiError(400, f"messages[{i}].tool_calls: {err}", param=f"messages.{i}.tool_calls") from None
+        if role == "observation" and messages and messages[-1]["role"] == "observation":
+            messages[-1]["content"] += "\n</tool_response>\n<tool_response>\n" + content
+            continue
+        messages.append({"role": role, "content": content})
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    prompts, replies = ("user", "observation"), ("assistant", "function")
+    if not turns or turns[0]["role"] != "user" or turns[-1]["role"] not in prompts or any(
+            m["role"] not in (prompts if k % 2 == 0 else replies) for k, m in enumerate(turns)):
         raise ApiError(400, "messages must be an optional system message, then user and assistant turns "
-                       "alternating, ending with a user message", param="messages")
+                       "alternating (tool results in a user's place, tool calls in an assistant's), ending with a "
+                       "user or tool message", param="messages")
     return messages
+
+
+def request_tools(request: ChatCompletionRequest) -> str:
+    """The request's tools as JSON text for the template ('' when none)."""
+    from lmforge.data.tools import parse_tools
+
+    if not request.tools:
+        return ""
+    try:
+        return json.dumps(parse_tools(request.tools), ensure_ascii=False)
+    except ValueError as err:
+        raise ApiError(400, str(err), param="tools") from None
 
 
 class ModelServer:
@@ -112,15 +147,14 @@ class ModelServer:
     def chat_job(self, request: ChatCompletionRequest) -> Job:
         """Check a chat request, render it with the chat template and start its generation."""
         self._check(request)
-        if request.tools:
-            raise ApiError(400, f"tools are not supported yet: chat template '{self.engine.template.name}' cannot "
-                           "render tool definitions; send the request without tools", param="tools")
-        messages = chat_messages(request)
+        messages, tools = chat_messages(request), request_tools(request)
         try:
-            prompt = self.engine.render(messages)
+            prompt = self.engine.render(messages, tools)
         except Exception as err:  # a Jinja chat template may refuse a conversation (e.g. no system role)
             raise ApiError(400, f"the chat template cannot render these messages: {err}", param="messages") from None
-        return self._start(request, prompt, request.token_limit(), chat=True)
+        job = self._start(request, prompt, request.token_limit(), chat=True)
+        job.tools = bool(tools)
+        return job
 
     def completion_job(self, request: CompletionRequest) -> Job:
         """Check a completion request and start generating from its raw prompt (no template)."""
@@ -189,7 +223,8 @@ class ModelServer:
         except LmforgeError as err:
             raise ApiError(500, str(err), type="server_error") from None
         g = job.generation
-        return job.chunks.whole(text, job.finish_reason, g.prompt_tokens, g.completion_tokens)
+        return job.chunks.whole(text, job.finish_reason, g.prompt_tokens, g.completion_tokens,
+                                job.tool_calls(self.engine, text))
 
     async def events(self, job: Job, request: Request) -> AsyncIterator[str]:
         """The streamed response: the role first (chat), the text deltas, the finish reason, the usage when
@@ -197,14 +232,23 @@ class ModelServer:
         chunks, extra = job.chunks, {"usage": None} if job.include_usage else {}
         if chunks.chat:
             yield sse(chunks.delta("", role="assistant", **extra))
+        held: list[str] = []
         try:
             async for text in self.pieces(job, request):
-                yield sse(chunks.delta(text, **extra))
+                if job.tools:  # a reply that may be a tool call is sent once it is whole
+                    held.append(text)
+                else:
+                    yield sse(chunks.delta(text, **extra))
         except LmforgeError as err:  # the status line is already sent: report it in the stream
             yield sse(error_body(str(err), type="server_error"))
             yield sse("[DONE]")
             return
-        yield sse(chunks.delta(None if chunks.chat else "", finish_reason=job.finish_reason, **extra))
+        finish = job.finish_reason
+        if held:
+            calls = job.tool_calls(self.engine, "".join(held))
+            yield sse(chunks.tool_delta(calls) if calls else chunks.delta("".join(held), **extra))
+            finish = "tool_calls" if calls else finish
+        yield sse(chunks.delta(None if chunks.chat else "", finish_reason=finish, **extra))
         if job.include_usage:
             yield sse(chunks.usage_chunk(job.generation.prompt_tokens, job.generation.completion_tokens))
         yield sse("[DONE]")

@@ -44,6 +44,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """The content as one string (text parts joined); other part types are refused."""
@@ -160,12 +162,21 @@ class ChunkFactory:
         """The chunk stream_options.include_usage adds after the last one: no choices, the counts."""
         return self._chunk([], usage=usage(prompt_tokens, completion_tokens))
 
-    def whole(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        """The non-streamed response."""
+    def tool_delta(self, tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
+        """The chunk that carries a streamed reply's tool calls (each whole, with its index)."""
+        calls = [{"index": i, **call} for i, call in enumerate(tool_calls)]
+        return self._chunk([{"index": 0, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None}])
+
+    def whole(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+              tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The non-streamed response; with tool calls the message carries them and no content."""
         if self.chat:
             kind = "chat.completion"
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
+            message = {"role": "assistant", "content": None if tool_calls else text}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            choice = {"index": 0, "message": message, "logprobs": None,
+                      "finish_reason": "tool_calls" if tool_calls else finish_reason}
         else:
             kind = "text_completion"
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
 from queue import Queue
 from threading import Event, Lock, Thread
 from typing import Any, Callable, Iterator, TextIO
@@ -13,7 +15,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer, set_seed
 
 from lmforge.config import GenerationArguments, ModelArguments
-from lmforge.data.templates import get_template, stop_token_ids
+from lmforge.data.templates import stop_token_ids, template_for
 from lmforge.errors import LmforgeError
 from lmforge.model.adapters import fill_base_model, load_merged
 
@@ -123,8 +125,9 @@ class ChatEngine:
 
     def __init__(self, tokenizer: Any, model: Any, gen: GenerationArguments):
         self.tokenizer, self.model, self.gen = tokenizer, model, gen
-        self.template = get_template(gen.template, tokenizer)
+        self.template = template_for(gen, tokenizer)
         self.stop_ids = stop_token_ids(tokenizer, self.template)
+        self.tools = read_tools_file(gen.tools) if gen.tools else ""
         self.active, self.tokens_generated, self._lock = 0, 0, Lock()
 
     @property
@@ -132,12 +135,21 @@ class ChatEngine:
         """The most positions the model attends to (prompt plus reply), when its config says."""
         return getattr(self.model.config, "max_position_embeddings", None)
 
-    def render(self, messages: list[dict[str, str]]) -> str:
-        """The prompt text of a conversation; a leading system message replaces the configured system prompt."""
+    def render(self, messages: list[dict[str, str]], tools: str | None = None) -> str:
+        """The prompt text of a conversation; a leading system message replaces the configured system prompt.
+        `tools` (JSON text; default: the --tools file's) are described to the model as the template does."""
         system = self.gen.system or ""
         if messages and messages[0]["role"] == "system":
             system, messages = messages[0]["content"], messages[1:]
-        return self.template.render_prompt(system, messages)
+        return self.template.render_prompt(system, messages, self.tools if tools is None else tools)
+
+    def tool_calls(self, reply: str) -> list[Any] | None:
+        """The calls in a reply, parsed back with the template's tool format (None: a plain answer)."""
+        from lmforge.data.tools import get_tool_format
+
+        fmt = getattr(self.template, "calls", None) or get_tool_format(self.gen.tool_format or "default")
+        calls = fmt.extract(reply)
+        return calls if isinstance(calls, list) and calls else None
 
     def encode(self, prompt: str, add_special_tokens: bool = False) -> dict[str, torch.Tensor]:
         """Token ids of a prompt on the model's device (a rendered chat prompt carries its own special tokens)."""
@@ -212,12 +224,40 @@ def run_repl(engine: ChatEngine, stdin: TextIO = sys.stdin, stdout: TextIO = sys
         if not query:
             continue
         history.append({"role": "user", "content": query})
-        stdout.write("Assistant: ")
-        pieces = []
-        for piece in engine.stream(history):
-            pieces.append(piece)
-            stdout.write(piece)
-            stdout.flush()
-        stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(pieces).strip()})
+        while _answer(engine, history, stdin, stdout):  # a tool call: its result is read, then the model goes on
+            pass
+
+
+def _answer(engine: ChatEngine, history: list[dict[str, str]], stdin: TextIO, stdout: TextIO) -> bool:
+    """Stream one reply into the history; with --tools, a reply that calls tools is printed as JSON and the
+    tool's result read from the terminal (True: the model answers again)."""
+    stdout.write("Assistant: ")
+    pieces = []
+    for piece in engine.stream(history):
+        pieces.append(piece)
+        stdout.write(piece)
+        stdout.flush()
+    stdout.write("\n")
+    reply = "".join(pieces).strip()
+    calls = engine.tool_calls(reply) if engine.tools else None
+    if not calls:
+        history.append({"role": "assistant", "content": reply})
+        return False
+    as_json = json.dumps([{"name": c.name, "arguments": json.loads(c.arguments)} for c in calls], ensure_ascii=False)
+    stdout.write(f"Tool calls: {as_json}\nTool result: ")
+    stdout.flush()
+    history += [{"role": "function", "content": as_json}, {"role": "observation", "content": stdin.readline().strip()}]
+    return True
+
+
+def read_tools_file(path: str) -> str:
+    """The --tools file: a JSON list of tool descriptions, checked, as JSON text."""
+    from lmforge.data.tools import parse_tools
+
+    try:
+        return json.dumps(parse_tools(Path(path).read_text(encoding="utf-8")), ensure_ascii=False)
+    except OSError as err:
+        raise LmforgeError(f"tools file {path}: {err.strerror}") from None
+    except ValueError as err:  # its message starts with "tools"
+        raise LmforgeError(f"{path}: {err}") from None
 

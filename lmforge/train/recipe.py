@@ -18,7 +18,7 @@ import transformers
 from lmforge.config import TrainConfig
 from lmforge.data.catalogue import resolve_datasets
 from lmforge.data.pipeline import get_datasets, tokenized_dir
-from lmforge.data.templates import CatalogueTemplate, get_template, template_mismatch
+from lmforge.data.templates import CatalogueTemplate, template_for, template_mismatch
 from lmforge.errors import LmforgeError
 from lmforge.model.adapters import record_base_model, setup_finetuning
 from lmforge.model.lean_ops import apply_lean_swiglu
@@ -78,7 +78,7 @@ def prepare_tokenizer(config: TrainConfig) -> Any:
     """The tokenizer; with a catalogue template it carries that template as its chat_template."""
     tokenizer = load_tokenizer(config.model)
     if config.finetuning.spec.template:
-        template = get_template(config.data.template, tokenizer)
+        template = template_for(config.data, tokenizer)
         mismatch = template_mismatch(template, tokenizer, tokenizer.chat_template)
         if mismatch:
             logger.warning("template %s differs from the tokenizer's own chat template %s; the saved model will "
@@ -178,11 +178,11 @@ def train_and_report(config: TrainConfig, trainer: Any, model: Any, data: Any, r
 def predict_with_generate(config: TrainConfig, trainer: Any, rows: Any) -> dict[str, Any]:
     """sft's predict_with_generate: a reply to every eval row, scored as `lmforge eval`'s generation task does
     (the eval split's last reply is the reference), written to generated_predictions.jsonl."""
-    from lmforge.data.templates import get_template, stop_token_ids
+    from lmforge.data.templates import stop_token_ids, template_for
     from lmforge.eval.generation import Generator, evaluate_generation, generation_rows
 
     tokenizer = trainer.processing_class
-    template = get_template(config.data.template, tokenizer)
+    template = template_for(config.data, tokenizer)
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     generator = Generator(model, tokenizer, stop_token_ids(tokenizer, template), tuple(template.stop_words),
                           config.rl.max_new_tokens)

@@ -10,7 +10,7 @@ from typing import Any
 from trl import GRPOConfig, GRPOTrainer
 
 from lmforge.config import TrainConfig
-from lmforge.data.templates import get_template, stop_token_ids
+from lmforge.data.templates import stop_token_ids, template_for
 from lmforge.errors import LmforgeError
 from lmforge.train.recipe import (
     build_model,
@@ -58,7 +58,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     fingerprint, resume, tokenizer, data = prepare_run(config)
     check_answers(config, data)
     model = build_model(config, tokenizer)
-    template = get_template(config.data.template, tokenizer)
+    template = template_for(config.data, tokenizer)
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, template)  # stop at the end of the turn
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     trainer = LmforgeGRPOTrainer(

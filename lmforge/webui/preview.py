@@ -41,9 +41,9 @@ def preview_examples(config: TrainConfig, rows: int = 3) -> list[Pieces]:
 
 def _encode_sft(ds: Any, args: Any, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
     from lmforge.data.processors import MaskPolicy, Status, encode_sft_batch
-    from lmforge.data.templates import get_template
+    from lmforge.data.templates import template_for
 
-    template = get_template(args.template, tokenizer)
+    template = template_for(args, tokenizer)
     policy = MaskPolicy(args.cutoff_len, args.train_on_prompt, args.mask_history)
     out = encode_sft_batch({"_system": ds["_system"], "_messages": ds["_messages"]}, tokenizer, template, policy)
     return [(ids, labels) for ids, labels, status in zip(out["input_ids"], out["labels"], out["_status"])

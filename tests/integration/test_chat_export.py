@@ -52,6 +52,8 @@ def test_one_shot_query_prints_only_the_answer(tiny_llama_dir, engine, capsys):
 
 
 class RecordingEngine:
+    tools = ""
+
     def __init__(self):
         self.calls = []
 

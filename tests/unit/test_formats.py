@@ -1,6 +1,8 @@
 """Row formats: detection from the columns, alpaca / ShareGPT / OpenAI rows to `_system` + `_messages`,
 the system-message split, conversation checks and `{{key}}` placeholders."""
 
+import json
+
 import datasets
 import pytest
 
@@ -128,8 +130,8 @@ def test_custom_tags_map_other_role_names():
 @pytest.mark.parametrize("turns, message", [
     ([], "'conversations' must be a non-empty list of messages"),
     ([{"from": "human"}], "each message needs 'from' and 'value' keys"),
-    ([{"from": "observation", "value": "x"}], "role 'observation' \\(tool calls\\) is not supported yet"),
-    ([{"from": "robot", "value": "x"}], "unknown role 'robot'; known: human, gpt, system"),
+    ([{"from": "function_call", "value": "{not json"}], "function call: .*not valid JSON"),
+    ([{"from": "robot", "value": "x"}], "unknown role 'robot'; known: human, gpt, system, observation, function_call"),
 ])
 def test_sharegpt_bad_rows_say_what_is_wrong(turns, message):
     with pytest.raises(RowError, match=message):
@@ -142,8 +144,8 @@ def test_validate_conversation_drops_trailing_user_turns():
 
 @pytest.mark.parametrize("messages, message", [
     ([user("only a question")], "no assistant turn to learn from"),
-    ([assistant("A"), user("Q"), assistant("B")], "turn 1 is 'assistant' but 'user' was expected"),
-    ([user("Q"), user("Q2"), assistant("A")], "turn 2 is 'user' but 'assistant' was expected"),
+    ([assistant("A"), user("Q"), assistant("B")], "turn 1 is 'assistant' but 'user' \\(or a tool result\\) was expected"),
+    ([user("Q"), user("Q2"), assistant("A")], "turn 2 is 'user' but 'assistant' \\(or a tool call\\) was expected"),
     ([user("Q"), assistant("  ")], "turn 2: empty assistant message"),
 ])
 def test_validate_conversation_rejects(messages, message):
@@ -179,4 +181,68 @@ def test_pt_reads_the_text_column_and_sft_refuses_plain_text():
     rows = datasets.Dataset.from_list([{"text": "A document."}, {"text": None}])
     assert to_conversations(rows, spec(), "pt")["_text"] == ["A document.", ""]
     with pytest.raises(LmforgeError, match="dataset 'rows' is plain text; stage sft needs alpaca, sharegpt or openai"):
+        to_conversations(rows, spec(), "sft")
+
+
+TOOLS = [{"name": "get_weather", "description": "Weather of a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+GLAIVE_ROW = {"conversations": [
+    {"from": "human", "value": "Weather in Paris?"},
+    {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+    {"from": "observation", "value": '{"temp": 21}'},
+    {"from": "gpt", "value": "It is 21 degrees."}], "tools": json.dumps(TOOLS)}
+
+
+def test_glaive_toolcall_rows_keep_function_and_observation_turns_and_tools():
+    ds = to_conversations(datasets.Dataset.from_list([GLAIVE_ROW]), spec("sharegpt"), "sft")
+    assert [m["role"] for m in ds[0]["_messages"]] == ["user", "function", "observation", "assistant"]
+    assert json.loads(ds[0]["_tools"]) == TOOLS
+
+
+def test_openai_tool_calls_and_tool_messages_become_function_and_observation_turns():
+    row = {"messages": [
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "content": "21"}, {"role": "tool", "content": "25"},
+        {"role": "assistant", "content": "Paris 21, Rome 25."}], "tools": [{"type": "function", "function": TOOLS[0]}]}
+    system, messages = sharegpt_converter(spec("openai"), ["messages", "tools"])(row)
+    assert [m["role"] for m in messages] == ["user", "function", "observation", "assistant"]
+    assert json.loads(messages[1]["content"]) == [{"name": "get_weather", "arguments": {"city": "Paris"}},
+                                                  {"name": "get_weather", "arguments": {"city": "Rome"}}]
+    assert messages[2]["content"] == "21\n</tool_response>\n<tool_response>\n25"  # LLaMA-Factory's join
+
+
+@pytest.mark.parametrize("tools, message", [
+    ("[{not json", "rows.jsonl:1: tools: not valid JSON"),
+    ('{"name": "f"}', "rows.jsonl:1: tools: expected a list of tool objects"),
+])
+def test_a_bad_tools_column_names_file_and_line(tmp_path, tools, message):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({**GLAIVE_ROW, "tools": tools}) + "\n")
+    from lmforge.data.catalogue import resolve_datasets
+    from lmforge.data.loader import load_raw as load_rows
+
+    ds = load_rows(resolve_datasets([str(path)], str(tmp_path))[0])
+    with pytest.raises(LmforgeError, match=message):
+        to_conversations(ds, resolve_datasets([str(path)], str(tmp_path))[0], "sft")
+
+
+def test_a_tool_call_that_is_not_json_names_file_and_line(tmp_path):
+    bad = dict(GLAIVE_ROW, conversations=[GLAIVE_ROW["conversations"][0], {"from": "function_call", "value": "f(x)"},
+                                          *GLAIVE_ROW["conversations"][2:]])
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(GLAIVE_ROW) + "\n" + json.dumps(bad) + "\n")
+    from lmforge.data.catalogue import resolve_datasets
+    from lmforge.data.loader import load_raw as load_rows
+
+    spec_ = resolve_datasets([str(path)], str(tmp_path))[0]
+    with pytest.raises(LmforgeError, match=r"rows.jsonl:2: function call: .*JSON"):
+        to_conversations(load_rows(spec_), spec_, "sft")
+
+
+def test_rows_with_images_are_refused_in_one_line():
+    rows = datasets.Dataset.from_list([{"messages": [user("What is this?"), assistant("A cat.")], "images": ["a.png"]}])
+    with pytest.raises(LmforgeError, match="column 'images' holds images: multimodal training is not supported yet"):
         to_conversations(rows, spec(), "sft")

@@ -99,16 +99,16 @@ def test_q_and_k_rows_are_permuted_the_way_transformers_reads_them_back():
 
 CHATML_MODELFILE = (
     'FROM ./m.gguf\nTEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}' + RANGE
-    + '{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n{{ if $last }}<|im_start|>assistant\n'
-    '{{ end }}{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}{{ if not $last }}<|im_end|>\n'
-    '{{ end }}{{ end }}{{ end }}"""\nPARAMETER stop "<|im_end|>"\n'
+    + '{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n<|im_start|>assistant\n'
+    '{{ else if eq .Role "assistant" }}{{ .Content }}{{ if not $last }}<|im_end|>\n'
+    '{{ end }}{{ end }}{{ end }}"""\nPARAMETER stop "<|im_end|>"\nPARAMETER stop "<|im_start|>"\n'
 )
 LLAMA3_MODELFILE = (
     'FROM ./m.gguf\nTEMPLATE """{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}'
     '<|eot_id|>{{ end }}' + RANGE + '{{ if eq .Role "user" }}<|start_header_id|>user<|end_header_id|>\n\n'
-    '{{ .Content }}<|eot_id|>{{ if $last }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ end }}'
-    '{{ else if eq .Role "assistant" }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Content }}'
-    '{{ if not $last }}<|eot_id|>{{ end }}{{ end }}{{ end }}"""\nPARAMETER stop "<|eot_id|>"\n'
+    '{{ .Content }}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'
+    '{{ else if eq .Role "assistant" }}{{ .Content }}'
+    '{{ if not $last }}<|eot_id|>{{ end }}{{ end }}{{ end }}"""\nPARAMETER stop "<|eot_id|>"\nPARAMETER stop "<|eom_id|>"\n'
 )
 
 
@@ -125,8 +125,8 @@ def test_modelfile_for_llama3_leaves_bos_to_llama_cpp(llama3_tokenizer):
 def test_modelfile_puts_a_system_prompt_inside_the_first_user_turn_for_mistral():
     text = go_template(load_catalogue()["mistral"], "<s>", "</s>", add_bos=True)
     assert text == ('{{ $system := .System }}' + RANGE + '{{ if eq .Role "user" }}[INST] {{ if $system }}'
-                    '{{ $system }}\n\n{{ $system = "" }}{{ end }}{{ .Content }} [/INST]{{ if $last }}{{ end }}'
-                    '{{ else if eq .Role "assistant" }}{{ .Content }}{{ if not $last }}</s>{{ end }}{{ end }}{{ end }}')
+                    '{{ $system }}\n\n{{ $system = "" }}{{ end }}{{ .Content }}[/INST]'
+                    '{{ else if eq .Role "assistant" }} {{ .Content }}{{ if not $last }}</s>{{ end }}{{ end }}{{ end }}')
 
 
 def test_the_written_modelfile_has_the_default_system_prompt(f16_export):

@@ -114,14 +114,15 @@ def test_invalid_pairs_name_the_row_or_are_skipped():
 
 
 def test_answer_tokens_mask_the_history_and_stop_after_the_end_token(smol_tokenizer):
-    """The earlier assistant turn belongs to the prompt; the trained span ends at <|im_end|>, before the newline."""
+    """The earlier assistant turn belongs to the prompt; the trained span is the reply with its own suffix
+    (<|im_end|> and the newline), as LLaMA-Factory's chosen/rejected ids are."""
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, *QUESTION]
     prompt = ids(smol_tokenizer, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                                  "<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
                                  "<|im_start|>assistant\n")
-    answer = ids(smol_tokenizer, "4<|im_end|>")
+    answer = ids(smol_tokenizer, "4<|im_end|>\n")
     got, start, end = answer_tokens(get_template("chatml", smol_tokenizer), smol_tokenizer, "Be brief.", messages, "4")
-    assert got == prompt + answer + ids(smol_tokenizer, "\n")
+    assert got == prompt + answer
     assert (start, end) == (len(prompt), len(prompt) + len(answer))
 
 
@@ -129,9 +130,9 @@ def test_pair_ids_are_the_prompt_then_each_answer_with_its_end_token(smol_tokeni
     """Answers that start alike ("It is") keep their shared words: the prompt ends where training starts."""
     out = encode(smol_tokenizer, "It is 4.", "It is 5.")
     assert out["prompt_ids"] == ids(smol_tokenizer, CHATML_PROMPT)
-    assert out["chosen_ids"] == ids(smol_tokenizer, "It is 4.<|im_end|>") == [1589, 314, 216, 36, 30, 2]
-    assert out["rejected_ids"] == ids(smol_tokenizer, "It is 5.<|im_end|>") == [1589, 314, 216, 37, 30, 2]
-    assert (out["_status"], out["_loss_tokens"]) == (Status.KEPT, 12)
+    assert out["chosen_ids"] == ids(smol_tokenizer, "It is 4.<|im_end|>\n") == [1589, 314, 216, 36, 30, 2, 198]
+    assert out["rejected_ids"] == ids(smol_tokenizer, "It is 5.<|im_end|>\n") == [1589, 314, 216, 37, 30, 2, 198]
+    assert (out["_status"], out["_loss_tokens"]) == (Status.KEPT, 14)
 
 
 def test_pair_ids_with_a_template_that_strips_and_has_no_suffix(llama3_tokenizer):

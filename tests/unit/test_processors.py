@@ -53,19 +53,20 @@ def test_single_turn_trains_exactly_the_reply_and_end_token(smol_tokenizer, syst
     prompt = ids(smol_tokenizer, head + FIRST_PROMPT)
     reply = ids(smol_tokenizer, FIRST_REPLY)
     assert status == Status.KEPT
-    assert input_ids == prompt + reply + ids(smol_tokenizer, "\n")
-    assert labels == [IGNORE_INDEX] * len(prompt) + reply + [IGNORE_INDEX]
+    newline = ids(smol_tokenizer, "\n")  # the turn's own suffix is trained too, as in LLaMA-Factory
+    assert input_ids == prompt + reply + newline
+    assert labels == [IGNORE_INDEX] * len(prompt) + reply + newline
 
 
 @pytest.mark.parametrize("system", ["", "You are terse."])
 def test_multi_turn_trains_every_reply(smol_tokenizer, system):
     _, labels, _ = encode(smol_tokenizer, system, TURNS)
-    assert trained_runs(smol_tokenizer, labels) == ["Hello! How can I help?<|im_end|>", "2+2 is 4.<|im_end|>"]
+    assert trained_runs(smol_tokenizer, labels) == ["Hello! How can I help?<|im_end|>\n", "2+2 is 4.<|im_end|>\n"]
 
 
 def test_mask_history_trains_only_the_last_reply(smol_tokenizer):
     _, labels, _ = encode(smol_tokenizer, "", TURNS, mask_history=True)
-    assert trained_runs(smol_tokenizer, labels) == ["2+2 is 4.<|im_end|>"]
+    assert trained_runs(smol_tokenizer, labels) == ["2+2 is 4.<|im_end|>\n"]
 
 
 def test_train_on_prompt_trains_everything(smol_tokenizer):
@@ -81,7 +82,7 @@ def test_cutoff_keeps_whole_turns(smol_tokenizer):
     prompt, reply = ids(smol_tokenizer, SMOL_SYSTEM + FIRST_PROMPT), ids(smol_tokenizer, FIRST_REPLY)
     assert status == Status.TRUNCATED
     assert input_ids == ids(smol_tokenizer, first_turn)
-    assert labels == [IGNORE_INDEX] * len(prompt) + reply + [IGNORE_INDEX]
+    assert labels == [IGNORE_INDEX] * len(prompt) + reply + ids(smol_tokenizer, "\n")
 
 
 def test_cutoff_inside_first_reply_cuts_the_reply_not_the_prompt(smol_tokenizer):

@@ -43,50 +43,42 @@ def test_catalogue_matches_the_models_own_template(request, name, tokenizer_fixt
 CHATML_BODY = ("<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello! How can I help?<|im_end|>\n"
                "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n2+2 is 4.<|im_end|>\n")
 CHATML_TERSE = "<|im_start|>system\nYou are terse.<|im_end|>\n"
-ALPACA_SYSTEM = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-                 "request.\n\n")
-# Each catalogue template bound to SmolLM2's tokenizer (bos <|im_start|>, eos <|im_end|>), written out by hand:
-# name -> (text of ("You are terse.", TURNS), reply spans, generation prompt for ("", TURNS[:1]))
+# Catalogue templates bound to SmolLM2's tokenizer (bos <|im_start|>, eos <|im_end|>), written out by hand:
+# name -> (text of ("You are terse.", TURNS), what ends each reply span, generation prompt for ("", TURNS[:1])).
+# Every other entry is pinned by its LLaMA-Factory fixture (test_template_parity.py).
 LITERAL = {
-    "default": ("System: You are terse.\nHuman: Hi there\nAssistant:Hello! How can I help?<|im_end|>\n"
-                "Human: What is 2+2?\nAssistant:2+2 is 4.<|im_end|>\n", "<|im_end|>",
-                "Human: Hi there\nAssistant:"),
-    "alpaca": ("You are terse.### Instruction:\nHi there\n\n### Response:\nHello! How can I help?<|im_end|>\n\n"
-               "### Instruction:\nWhat is 2+2?\n\n### Response:\n2+2 is 4.<|im_end|>\n\n", "<|im_end|>",
-               ALPACA_SYSTEM + "### Instruction:\nHi there\n\n### Response:\n"),
-    "chatml": (CHATML_TERSE + CHATML_BODY, "<|im_end|>",
+    "chatml": (CHATML_TERSE + CHATML_BODY, "<|im_end|>\n",
                "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"),
-    "smollm2": (CHATML_TERSE + CHATML_BODY, "<|im_end|>",
+    "smollm2": (CHATML_TERSE + CHATML_BODY, "<|im_end|>\n",
                 "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
                 "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"),
-    "qwen": (CHATML_TERSE + CHATML_BODY, "<|im_end|>",
+    "qwen": (CHATML_TERSE + CHATML_BODY, "<|im_end|>\n",
              "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
              "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"),
-    "llama3": ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
+    "llama3": ("<|im_start|><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
                "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
                "<|start_header_id|>assistant<|end_header_id|>\n\nHello! How can I help?<|eot_id|>"
                "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
                "<|start_header_id|>assistant<|end_header_id|>\n\n2+2 is 4.<|eot_id|>", "<|eot_id|>",
-               "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+               "<|im_start|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
                "<|start_header_id|>assistant<|end_header_id|>\n\n"),
-    "llama2": ("<s>[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nHi there [/INST] Hello! How can I help? </s>"
-               "<s>[INST] What is 2+2? [/INST] 2+2 is 4. </s>", " </s>", "<s>[INST] Hi there [/INST]"),
-    "mistral": ("<s>[INST] You are terse.\n\nHi there [/INST]Hello! How can I help?</s>[INST] What is 2+2? [/INST]"
-                "2+2 is 4.</s>", "</s>", "<s>[INST] Hi there [/INST]"),
-    "gemma": ("<bos><start_of_turn>user\nYou are terse.\n\nHi there<end_of_turn>\n<start_of_turn>model\n"
+    "llama2": ("<|im_start|>[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nHi there [/INST] Hello! How can I help? "
+               "<|im_end|><|im_start|>[INST] What is 2+2? [/INST] 2+2 is 4. <|im_end|>", " <|im_end|>",
+               "<|im_start|>[INST] Hi there [/INST]"),
+    "mistral": ("<|im_start|>[INST] You are terse.\n\nHi there[/INST] Hello! How can I help?<|im_end|>"
+                "[INST] What is 2+2?[/INST] 2+2 is 4.<|im_end|>", "<|im_end|>", "<|im_start|>[INST] Hi there[/INST]"),
+    "gemma": ("<|im_start|><start_of_turn>user\nYou are terse.\n\nHi there<end_of_turn>\n<start_of_turn>model\n"
               "Hello! How can I help?<end_of_turn>\n<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n"
-              "<start_of_turn>model\n2+2 is 4.<end_of_turn>\n", "<end_of_turn>",
-              "<bos><start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n"),
+              "<start_of_turn>model\n2+2 is 4.<end_of_turn>\n", "<end_of_turn>\n",
+              "<|im_start|><start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n"),
+    "default": ("System: You are terse.<|im_end|>\nHuman: Hi there<|im_end|>\nAssistant:Hello! How can I help?<|im_end|>\n"
+                "Human: What is 2+2?<|im_end|>\nAssistant:2+2 is 4.<|im_end|>\n", "<|im_end|>\n",
+                "Human: Hi there<|im_end|>\nAssistant:"),
     "baichuan2": ("You are terse.<reserved_106>Hi there<reserved_107>Hello! How can I help?<|im_end|>"
                   "<reserved_106>What is 2+2?<reserved_107>2+2 is 4.<|im_end|>", "<|im_end|>",
                   "<reserved_106>Hi there<reserved_107>"),
-    "empty": ("You are terse.Hi thereHello! How can I help?<|im_end|>What is 2+2?2+2 is 4.<|im_end|>", "<|im_end|>",
-              "Hi there"),
+    "empty": ("You are terse.Hi thereHello! How can I help?What is 2+2?2+2 is 4.", "", "Hi there"),
 }
-
-
-def test_every_catalogue_template_has_a_literal_expectation():
-    assert sorted(LITERAL) == sorted(load_catalogue())
 
 
 @pytest.mark.parametrize("name", list(LITERAL))
@@ -96,7 +88,7 @@ def test_catalogue_renders_the_literal_text(smol_tokenizer, name):
     template = get_template(name, smol_tokenizer)
     rendered = template.render("You are terse.", TURNS)
     assert rendered.text == text
-    pad = " " if name == "llama2" else ""
+    pad = " " if name in ("llama2", "mistral") else ""
     assert [text[t.response_start:t.response_end] for t in rendered.turns] == [
         pad + "Hello! How can I help?" + end, pad + "2+2 is 4." + end]
     assert template.render_prompt("", TURNS[:1]) == prompt
@@ -133,22 +125,17 @@ def test_auto_finds_the_same_reply_spans(smol_tokenizer, system, turns):
     cat = get_template("smollm2", smol_tokenizer).render(system, turns)
     assert auto.text == cat.text
     replies = [auto.text[t.response_start:t.response_end] for t in auto.turns]
-    assert replies == [m["content"] + "<|im_end|>" for m in turns if m["role"] == "assistant"]
+    assert replies == [m["content"] + "<|im_end|>\n" for m in turns if m["role"] == "assistant"]
     assert [(t.response_start, t.response_end) for t in auto.turns] == [(t.response_start, t.response_end) for t in cat.turns]
 
 
-def test_reply_spans_of_llama2_include_the_end_marker(smol_tokenizer):
-    rendered = get_template("llama2", smol_tokenizer).render("Be kind.", TURNS)
-    assert rendered.text.startswith("<s>[INST] <<SYS>>\nBe kind.\n<</SYS>>\n\nHi there [/INST]")
-    assert [rendered.text[t.response_start:t.response_end] for t in rendered.turns] == [
-        " Hello! How can I help? </s>", " 2+2 is 4. </s>"]
-
-
-def test_unknown_template_lists_known_ones(smol_tokenizer):
-    with pytest.raises(LmforgeError, match="unknown template 'qwen3'; known templates: auto, default, alpaca"):
-        get_template("qwen3", smol_tokenizer)
-    assert {"default", "alpaca", "chatml", "qwen", "llama3", "llama2", "mistral", "gemma", "baichuan2",
-            "empty"} <= set(template_names())
+def test_unknown_template_suggests_the_nearest_names(smol_tokenizer):
+    with pytest.raises(LmforgeError, match="unknown template 'qwen3_nothnk': did you mean qwen3_nothink"):
+        get_template("qwen3_nothnk", smol_tokenizer)
+    with pytest.raises(LmforgeError, match=r"unknown template 'xyzzy': `lmforge templates` lists all 123 \(known: auto"):
+        get_template("xyzzy", smol_tokenizer)
+    assert {"default", "alpaca", "chatml", "qwen", "qwen3", "qwen3_nothink", "llama3", "llama2", "mistral", "gemma",
+            "deepseekr1", "glm4", "baichuan2", "empty"} <= set(template_names())
 
 
 def test_auto_without_chat_template_says_what_to_set(llama3_tokenizer):
@@ -158,3 +145,18 @@ def test_auto_without_chat_template_says_what_to_set(llama3_tokenizer):
     tok.chat_template = None
     with pytest.raises(LmforgeError, match="tokenizer has no chat_template: set template to one of"):
         get_template("auto", tok)
+
+
+def test_templates_command_lists_kinds_features_and_parity(capsys):
+    from lmforge.cli import main
+
+    assert main(["templates"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{len(load_catalogue()) + 1} templates")
+    rows = {line.split()[0]: line for line in out.splitlines()[2:]}
+    assert "reasoning" in rows["qwen3"] and "tools:qwen" in rows["qwen3"] and "LLaMA-Factory 0.9.5" in rows["qwen3"]
+    assert "reasoning" not in rows["qwen3_nothink"]
+    assert "official: Llama-2-chat" in rows["llama2"]
+    assert "multimodal" in rows["qwen2_vl"]
+    assert main(["templates", "qwen3"]) == 0
+    assert "kind: 'reasoning'" in capsys.readouterr().out
