@@ -89,6 +89,11 @@ class ModelArguments:
     )
     quantization_type: Literal["nf4", "fp4"] = _opt("nf4", "4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.")
     double_quantization: bool = _opt(True, "4-bit: quantize the quantization constants too (~0.4 bit/param saved).")
+    resize_vocab: bool = _opt(
+        False, "Let the tokenizer gain tokens (a chat template's markers it would split into pieces become special "
+        "tokens) and grow the embeddings and output head to match; the new rows are trained."
+    )
+
 
     def __post_init__(self) -> None:
         self.adapter_name_or_path = as_list(self.adapter_name_or_path, "adapter_name_or_path") or None

@@ -162,15 +162,25 @@ def setup_lora(model: nn.Module, args: FinetuningArguments, model_args: ModelArg
             raise LmforgeError(f"lora_target: {unknown} are not linear layers of this model; "
                                f"available: {', '.join(available)} (or all)")
         reward = getattr(model, "score", None) is not None and model.get_output_embeddings() is None
+        save = split_names(args.additional_target)
+        if getattr(model_args, "resize_vocab", False) and not save:  # the added tokens' rows must learn
+            save = embedding_module_names(model)
+            logger.info("resize_vocab: training %s in full beside LoRA (set additional_target to choose)", save)
         config = LoraConfig(
             task_type="SEQ_CLS" if reward else "CAUSAL_LM",  # SEQ_CLS also trains the new score head in full
             r=args.lora_rank, lora_alpha=args.effective_lora_alpha,
             lora_dropout=args.lora_dropout, target_modules=targets, use_dora=args.use_dora,
-            use_rslora=args.use_rslora, modules_to_save=split_names(args.additional_target) or None,
+            use_rslora=args.use_rslora, modules_to_save=save or None,
         )
         model = get_peft_model(model, config)
     _upcast_trainable(model)
     return model
+
+
+def embedding_module_names(model: nn.Module) -> list[str]:
+    """The short names of the input embedding and output head (embed_tokens, lm_head for Llama)."""
+    wanted = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, m in model.named_modules() if id(m) in wanted))
 
 
 def setup_finetuning(model: nn.Module, args: FinetuningArguments, model_args: ModelArguments,

@@ -227,8 +227,21 @@ def load_model(args: ModelArguments, tokenizer: Any, compute_dtype: torch.dtype 
     except (OSError, ValueError) as err:
         raise LmforgeError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from None
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+        grow_embeddings(model, len(tokenizer))
     return model
+
+
+@torch.no_grad()
+def grow_embeddings(model: Any, size: int) -> None:
+    """Resize the token embeddings (and an untied output head) to `size` rows; the new rows start at the mean
+    of the old ones, so added tokens begin as an average token rather than noise."""
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(size, mean_resizing=False)
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    for layer in {id(m): m for m in layers if m is not None}.values():
+        weight = layer.weight
+        if weight.shape[0] == size:
+            weight[old:] = weight[:old].float().mean(dim=0).to(weight.dtype)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

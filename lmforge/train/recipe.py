@@ -18,7 +18,7 @@ import transformers
 from lmforge.config import TrainConfig
 from lmforge.data.catalogue import resolve_datasets
 from lmforge.data.pipeline import get_datasets, tokenized_dir
-from lmforge.data.templates import CatalogueTemplate, template_for, template_mismatch
+from lmforge.data.templates import CatalogueTemplate, missing_markers, template_for, template_mismatch
 from lmforge.errors import LmforgeError
 from lmforge.model.adapters import record_base_model, setup_finetuning
 from lmforge.model.lean_ops import apply_lean_swiglu
@@ -79,6 +79,7 @@ def prepare_tokenizer(config: TrainConfig) -> Any:
     tokenizer = load_tokenizer(config.model)
     if config.finetuning.spec.template:
         template = template_for(config.data, tokenizer)
+        add_template_markers(template, tokenizer, getattr(config.model, "resize_vocab", False))
         mismatch = template_mismatch(template, tokenizer, tokenizer.chat_template)
         if mismatch:
             logger.warning("template %s differs from the tokenizer's own chat template %s; the saved model will "
@@ -87,6 +88,23 @@ def prepare_tokenizer(config: TrainConfig) -> Any:
         if isinstance(template, CatalogueTemplate):
             tokenizer.chat_template = template.to_jinja()
     return tokenizer
+
+
+def add_template_markers(template: Any, tokenizer: Any, resize_vocab: bool) -> None:
+    """A template whose markers (<|im_start|>, a stop word) the tokenizer would split into pieces trains the
+    model on those pieces and never lets it stop cleanly: with resize_vocab they become special tokens (the
+    embeddings grow when the model loads, new rows at the mean embedding), else the run stops here."""
+    missing = missing_markers(template, tokenizer)
+    if not missing:
+        return
+    if not resize_vocab:
+        raise LmforgeError(
+            f"template {template.name}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not single tokens "
+            "of this tokenizer: set resize_vocab: true to add them as special tokens (the embeddings grow), or "
+            "use the model's own format (template: auto)")
+    tokenizer.add_tokens(missing, special_tokens=True)
+    logger.info("resize_vocab: added %s as special tokens (%d in the vocabulary now)", ", ".join(missing),
+                len(tokenizer))
 
 
 def form_process_group(args: Any) -> None:
