@@ -136,8 +136,8 @@ def cmd_webui(argv: list[str]) -> None:
 
 def cmd_export(argv: list[str]) -> None:
     """Merge LoRA adapters into the base model and write a standalone Hugging Face directory
-    (sharded safetensors, tokenizer with chat template, model card), after checking on a probe
-    input that the merged logits equal base+adapter; or, with --export_format gguf, one .gguf file
+    (sharded safetensors, tokenizer with chat template, model card), merged one LoRA layer at a time in
+    float64 and each merged layer checked against the layer with its adapter; or, with --export_format gguf, one .gguf file
     (gguf_type f16, bf16, f32, q8_0, q5/q4) for llama.cpp, with an Ollama Modelfile (--export_ollama true)."""
     from lmforge.config.parser import EXPORT_GROUPS, build_groups, merge_sources
     from lmforge.export.merge import run_export
@@ -145,8 +145,8 @@ def cmd_export(argv: list[str]) -> None:
     _, raw = merge_sources(argv)
     model_args, export_args = build_groups(raw, EXPORT_GROUPS)
     result = run_export(model_args, export_args)
-    merged = (f"merged {len(result['merged_adapters'])} adapter(s), max |logit difference| vs base+adapter "
-              f"{result['max_abs_logit_diff']:.2e}")
+    merged = (f"merged {len(result['merged_adapters'])} adapter(s), max |layer output difference| vs "
+              f"base+adapter (float64) {result['max_abs_layer_diff']:.2e}")
     if result["export_format"] == "hf":
         print(f"exported to {export_args.export_dir} ({result['export_dtype']}); {merged}")
         return

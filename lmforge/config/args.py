@@ -599,9 +599,14 @@ class ExportArguments:
         "(default: keep the adapter's or base's)."
     )
     check_tolerance: float = _opt(
-        1e-4,
-        "Largest allowed |logit difference| between the merged model and base+adapter on a probe input; "
-        "both are computed in float64, where a correct merge agrees to ~1e-10.",
+        1e-6,
+        "Largest allowed |output difference| of any merged LoRA layer from the same layer with its adapter "
+        "(base+adapter), on a seeded random probe input; each layer is merged and compared in float64, where a "
+        "correct merge agrees to ~1e-12.",
+    )
+    export_device: Literal["cpu", "auto"] = _opt(
+        "cpu", "The device used in model export, use `auto` to accelerate exporting: the LoRA layers are merged "
+        "one at a time on the GPU when one is visible (else on the CPU); the model stays in host memory."
     )
     export_format: Literal["hf", "gguf"] = _opt(
         "hf", "hf: a Hugging Face folder (safetensors); gguf: one .gguf file for llama.cpp, Ollama and LM Studio."

@@ -75,7 +75,7 @@ def test_export_merges_exactly_and_loads_with_plain_transformers(tiny_llama_dir,
 
     out = tmp_path / "merged"
     assert main(["export", "--adapter_name_or_path", str(adapter_dir), "--export_dir", str(out)]) == 0
-    assert "max |logit difference|" in capsys.readouterr().out
+    assert "max |layer output difference| vs base+adapter (float64)" in capsys.readouterr().out
     merged = AutoModelForCausalLM.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     ids = torch.arange(5, 40).view(1, -1)  # (1, T)
