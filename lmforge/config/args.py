@@ -94,7 +94,6 @@ class ModelArguments:
         "tokens) and grow the embeddings and output head to match; the new rows are trained."
     )
 
-
     def __post_init__(self) -> None:
         self.adapter_name_or_path = as_list(self.adapter_name_or_path, "adapter_name_or_path") or None
         if self.quantization_bit not in (None, 4, 8):
@@ -429,7 +428,8 @@ class TrainingArguments(transformers.TrainingArguments):
         "auto",
         "Compute the loss from the output head's input in chunks, only at loss positions, never "
         "materialising [batch, seq, vocab] logits (training only). auto: on when the vocabulary has "
-        ">= 32k tokens and the head is a plain linear layer; off with use_liger_kernel (Liger fuses it).",
+        ">= 32k tokens and the head is a plain linear layer; off with use_liger_kernel (Liger fuses it) and with "
+        "label_smoothing_factor (transformers' label smoother reads the logits).",
     )
     lean_mlp: bool = _opt(
         True,
@@ -478,6 +478,11 @@ class TrainingArguments(transformers.TrainingArguments):
                 # DeepSpeed steps its optimizer inside backward, before any check could skip the update
                 raise LmforgeError("nan_policy skip cannot work with deepspeed (it updates the weights inside "
                                    "backward): set nan_policy: stop or train without deepspeed")
+        if self.label_smoothing_factor:
+            if self.loss_chunking == "on":
+                raise LmforgeError("label_smoothing_factor needs the logits, which loss_chunking on never forms: set "
+                                   "loss_chunking: auto or off")
+            self.loss_chunking = "off"  # transformers' label smoother reads the logits
         from lmforge.train.tracking import check_trackers
 
         check_trackers(self.report_to)
@@ -598,6 +603,9 @@ class ExportArguments:
         None, "Catalogue template to save as the tokenizer's chat_template, in the .gguf and the Modelfile too "
         "(default: keep the adapter's or base's)."
     )
+    enable_thinking: bool | None = _opt(
+        True, "Reasoning templates: how the saved chat template renders (false: the non-thinking mode).")
+    default_system: str | None = _opt(None, "Replaces the template's default system prompt in the saved chat template.")
     check_tolerance: float = _opt(
         1e-6,
         "Largest allowed |output difference| of any merged LoRA layer from the same layer with its adapter "
@@ -643,7 +651,8 @@ class EvalArguments:
         [],
         "What to measure, comma-separated: perplexity (the loss on the tokens training takes loss on), generation "
         "(replies to the rows' prompts scored against their references), choice (a multiple-choice benchmark from "
-        "task_dir), lm_eval:TASK,TASK (lm-evaluation-harness tasks; needs lmforge[eval]).",
+        "task_dir), lm_eval:TASK,TASK (lm-evaluation-harness tasks; needs lmforge[eval]). Unset with `task` set: "
+        "choice, as LLaMA-Factory's eval reads it.",
     )
     output_dir: str | None = _opt(
         None, "Folder for eval_results.json, generated_predictions.jsonl and the charts (LLaMA-Factory's save_dir "
@@ -685,6 +694,8 @@ class EvalArguments:
     def __post_init__(self) -> None:
         if not self.output_dir:
             raise LmforgeError("eval needs output_dir: the folder for eval_results.json (e.g. saves/my-run/eval)")
+        if not self.eval_task and self.task:  # LLaMA-Factory's eval configs name only the benchmark
+            self.eval_task = ["choice"]
         self.eval_task, self.lm_eval_tasks = _split_eval_tasks(list(self.eval_task or []))
         if self.batch_size < 1:
             raise LmforgeError(f"batch_size must be >= 1, got {self.batch_size}")

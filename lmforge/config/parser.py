@@ -71,6 +71,7 @@ class TrainConfig:
                                    "use DDP (nproc_per_node) or ZeRO-2")
         self._check_stage_options()
         self._check_predict()
+        self._check_label_smoothing()
         if "reward_model" in self.finetuning.spec.options:
             self._check_rewards()
 
@@ -94,6 +95,14 @@ class TrainConfig:
         if t.fsdp or (ds is not None and ds.is_zero3()):
             raise LmforgeError("predict_with_generate generates on one process, which FSDP and ZeRO-3 shard: run "
                                "`lmforge eval --eval_task generation` on the saved model instead")
+
+    def _check_label_smoothing(self) -> None:
+        """transformers' label smoother replaces the next-token loss; the other stages compute losses of their own."""
+        stage = self.finetuning.stage
+        if self.training.label_smoothing_factor and not self.finetuning.spec.perplexity:
+            smoothed = " and ".join(s for s in STAGES if STAGES[s].perplexity)
+            raise LmforgeError(f"label_smoothing_factor smooths the next-token loss of stage {smoothed}; stage {stage} "
+                               f"computes its own loss: remove label_smoothing_factor")
 
     def _check_stage_options(self) -> None:
         """Refuse what the stage would not honour: another stage's options, packing, a sampler it overrides."""
@@ -315,19 +324,29 @@ def all_option_names(groups: tuple[type, ...] = GROUPS) -> dict[str, type]:
     return {name: cls for cls in groups for name in init_fields(cls)}
 
 
-def _check_unknown(raw: dict[str, Any], known: dict[str, type]) -> None:
+def _check_unknown(raw: dict[str, Any], known: dict[str, type], command: str | None = None) -> None:
     for key in raw:
         if key in known:
             continue
+        from lmforge.config.llamafactory import commands_knowing
+
+        owners = [c for c in commands_knowing(key) if c != command]
+        if owners and command:
+            raise LmforgeError(f"option '{key}' belongs to lmforge {' and '.join(owners)}, not lmforge {command}: "
+                               "remove it")
         close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
         hint = f": did you mean '{close[0]}'?" if close else ": see `lmforge train --help` for the options"
         raise LmforgeError(f"unknown option '{key}'{hint}")
 
 
 def build_groups(raw: dict[str, Any], groups: tuple[type, ...] = GROUPS) -> list[Any]:
-    """Instantiate each dataclass from the keys that belong to it (types coerced)."""
+    """Instantiate each dataclass from the keys that belong to it (types coerced), LLaMA-Factory's names
+    translated first."""
+    from lmforge.config.llamafactory import apply_lf_options, command_of
+
+    raw = apply_lf_options(raw, groups)
     known = all_option_names(groups)
-    _check_unknown(raw, known)
+    _check_unknown(raw, known, command_of(groups))
     built = []
     for cls in groups:
         types_ = field_types(cls)
@@ -352,7 +371,10 @@ def merge_sources(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
 
 def parse_train_config(argv: list[str]) -> TrainConfig:
     """Parse `lmforge train` / `preprocess` arguments into a TrainConfig."""
+    from lmforge.config.llamafactory import apply_lf_options
+
     config_path, raw = merge_sources(argv)
+    raw = apply_lf_options(raw, GROUPS)
     model, data, finetuning, training, launch, rl = build_groups(raw)
     return TrainConfig(model, data, finetuning, training, launch, rl, explicit=dict(raw), config_path=config_path)
 

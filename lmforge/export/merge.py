@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from lmforge.config import ExportArguments, ModelArguments
-from lmforge.data.templates import CatalogueTemplate, get_template
+from lmforge.data.templates import CatalogueTemplate, template_for
 from lmforge.errors import LmforgeError
 from lmforge.model.adapters import adapter_base_model, fill_base_model, inference_device, split_names
 from lmforge.model.loader import DTYPES, load_model, load_tokenizer, resolve_model_path
@@ -153,7 +153,7 @@ def prepare_export(model_args: ModelArguments, args: ExportArguments) -> tuple[P
     tokenizer = load_tokenizer(model_args)
     model_args.torch_dtype = working_dtype(model_args, args)
     if args.template:
-        template = get_template(args.template, tokenizer)
+        template = template_for(args, tokenizer)
         if isinstance(template, CatalogueTemplate):
             tokenizer.chat_template = template.to_jinja()
     return out, tokenizer, adapters
