@@ -110,8 +110,9 @@ class PaddingCollator:
 class PackedCollator:
     """Packed rows (`lengths` per row) with examples isolated on every attention backend.
 
-    flash_attention_2: all rows flattened into one (1, N) row with per-example position_ids, which
-    transformers turns into variable-length (cu_seqlens) attention. VARLEN_SDPA (what `train` uses for
+    flash_attention_2: all rows flattened into one (1, N) row with per-example position_ids and the example
+    boundaries (`cu_seq_lens_q/k`, `max_length_q/k` as host ints), which transformers hands to flash-attn's
+    variable-length kernel. VARLEN_SDPA (what `train` uses for
     sdpa): the same flattened row plus the boundaries `cu_seq_lens_q`, one causal sdpa call per example
     (lmforge/model/varlen.py). sdpa: a boolean block-diagonal causal mask. eager: the same mask as
     additive floats (eager adds the mask to the scores, so a boolean one would be wrong).
@@ -132,9 +133,15 @@ class PackedCollator:
                 "position_ids": position_ids_for([examples], real),
                 "num_real_tokens": real, "num_positions": real, "num_rows": len(features),
             }
+            ends = torch.tensor(examples, dtype=torch.long).cumsum(0)
+            bounds = torch.cat([torch.zeros(1, dtype=torch.long), ends])  # example boundaries
+            if self.attn_implementation.startswith("flash"):
+                # flash_attn_varlen_func's arguments, ready: transformers would otherwise derive them from
+                # position_ids in every layer, reading the longest example back from the GPU each time
+                batch |= {"cu_seq_lens_q": bounds.int(), "cu_seq_lens_k": bounds.int(),
+                          "max_length_q": max(examples), "max_length_k": max(examples)}
             if self.attn_implementation == VARLEN_SDPA:
-                ends = torch.tensor(examples, dtype=torch.long).cumsum(0)
-                batch["cu_seq_lens_q"] = torch.cat([torch.zeros(1, dtype=torch.long), ends])  # example boundaries
+                batch["cu_seq_lens_q"] = bounds
                 # the same lengths as host ints: the model passes its keyword arguments down to each attention
                 # call, which then splits the row without reading cu_seq_lens_q back from the device
                 batch[HOST_LENGTHS_KEY] = tuple(examples)

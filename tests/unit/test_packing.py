@@ -100,6 +100,38 @@ def test_flash_layout_is_one_flat_row_with_restarting_positions():
     assert batch["input_ids"].shape == (1, n) and "attention_mask" not in batch
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
     assert len(starts) == 6 and starts[0] == 0
+    lengths = [len(make_examples()[i][0]) for row in ROWS for i in row]
+    bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == bounds  # flash-attn's varlen args
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == max(lengths) and isinstance(batch["max_length_q"], int)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["flash_attention_2", "sdpa"])
+def test_packed_equals_one_by_one_on_the_gpu_in_bf16(impl):
+    """Packed rows on CUDA in bf16 (flash-attn's varlen kernel, or lmforge's varlen sdpa) give the logits of the
+    examples run one by one, within bf16's rounding."""
+    import importlib.util
+
+    from lmforge.model.varlen import use_varlen_sdpa
+
+    if impl.startswith("flash") and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attn is not installed")
+    model, examples = tiny("llama", impl).to("cuda", torch.bfloat16), make_examples()
+    layout = use_varlen_sdpa(model) if impl == "sdpa" else impl
+    rows = [[0, 1, 2, 3, 4, 5]]
+    batch = PackedCollator(0, layout)(packed_features(examples, rows))
+    for key in COUNT_KEYS:
+        batch.pop(key)
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with torch.no_grad():
+        out = model(**batch).logits[0].float()
+        offset = 0
+        for ids, _ in examples:
+            single = model(input_ids=torch.tensor([ids], device="cuda")).logits[0].float()
+            assert (out[offset:offset + len(ids)] - single).abs().max().item() <= 0.05, impl  # bf16 rounding
+            offset += len(ids)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
