@@ -25,8 +25,8 @@ def slot_text(slots) -> str:
     for slot in slots:
         if isinstance(slot, str):
             out.append(slot)
-        elif isinstance(slot, set):
-            out.append("{{bos_token}}" if "bos_token" in slot else "{{eos_token}}")
+        elif isinstance(slot, set):  # LLaMA-Factory writes a set only when it names bos_token or eos_token
+            out.append("{{bos_token}}" if "bos_token" in slot else "{{eos_token}}" if "eos_token" in slot else "")
         elif isinstance(slot, dict):
             out.append(slot["token"])
         else:
