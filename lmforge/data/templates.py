@@ -445,8 +445,8 @@ def get_template(name: str, tokenizer: Any, options: TemplateOptions = TemplateO
 
         near = difflib.get_close_matches(name, list(catalogue), n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(near)}? " if near else ""
-        raise LmforgeError(f"unknown template '{name}': {hint}`lmforge templates` lists all "
-                           f"{len(catalogue) + 1} (known: {', '.join(template_names())})")
+        raise LmforgeError(f"unknown template '{name}': {hint}`lmforge templates` lists all {len(catalogue) + 1} "
+                           "(auto: the tokenizer's own chat template)")
     return CatalogueTemplate(catalogue[name], tokenizer.bos_token or "", tokenizer.eos_token or "", options)
 
 

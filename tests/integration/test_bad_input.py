@@ -27,7 +27,7 @@ CASES = {
     "malformed jsonl line": (["--dataset", "{tmp}/broken.jsonl"], "broken.jsonl:2: malformed JSON line"),
     "missing column": (["--dataset", "qa", "--dataset_dir", "{tmp}"],
                        "column 'instruction' (columns.prompt) not found"),
-    "unknown template": (["--template", "vicuna9"], "unknown template 'vicuna9'; known templates: auto,"),
+    "unknown template": (["--template", "vicuna9"], "unknown template 'vicuna9': did you mean vicuna? `lmforge templates`"),
     "unknown option": (["--lora_rnak", "8"], "did you mean 'lora_rank'?"),
     "bf16 and fp16": (["--bf16", "true", "--fp16", "true"], "bf16 and fp16 are both set"),
     "lora option with full": (["--finetuning_type", "full", "--lora_alpha", "32"],

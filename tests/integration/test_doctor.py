@@ -36,7 +36,7 @@ def test_data_check_reports_problems_and_marks_trained_tokens(tmp_path, tiny_lla
     assert "duplicates: 1" in out
     assert "cutoff_len truncates 0 and drops 1 examples" in out  # the long prompt alone exceeds 64 tokens
     assert "WARNING: template chatml renders differently from the tokenizer's own chat template" in out
-    assert "[[A loan to an issuer.<|im_end|>]]" in out and "[[Total output of an economy.<|im_end|>]]" in out
+    assert "[[A loan to an issuer.<|im_end|>\n]]" in out and "[[Total output of an economy.<|im_end|>\n]]" in out
     assert "[[<|im_start|>" not in out  # the prompt is never marked as trained
     report = json.loads((report_dir / "report.json").read_text())
     assert report["lengths"]["max"] > 64 and report["duplicates"] == 1 and report["dropped"] == 1

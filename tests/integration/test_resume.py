@@ -177,7 +177,7 @@ def test_best_checkpoint_is_recorded_at_its_final_path_and_kept(tiny_llama_dir, 
     from lmforge.train.checkpoints import checkpoint_problem
 
     out = tmp_path / "best"
-    code = run_in_process(tiny_llama_dir, out, "--max_steps", "3", "--learning_rate", "3e-1", "--val_size", "4",
+    code = run_in_process(tiny_llama_dir, out, "--max_steps", "3", "--learning_rate", "2e-1", "--val_size", "4",
                           "--eval_strategy", "steps", "--eval_steps", "1", "--save_steps", "1",
                           "--load_best_model_at_end", "true", "--metric_for_best_model", "eval_loss",
                           "--save_total_limit", "1")
