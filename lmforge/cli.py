@@ -62,11 +62,13 @@ def cmd_train(argv: list[str]) -> int | None:
 
 def cmd_preprocess(argv: list[str]) -> None:
     """Load, render, tokenize and mask the data exactly as `train` would, and save it to
-    tokenized_path (datasets.save_to_disk: input_ids, attention_mask, labels; -100 = no loss)."""
+    tokenized_path (datasets.save_to_disk: input_ids, attention_mask, labels; -100 = no loss). Stage pt writes
+    token shards instead (flat uint16/uint32 files that `train` memory-maps; see lmforge/data/shards.py) on
+    preprocessing_num_workers processes; run again, it finishes an interrupted run and skips what is done."""
     from pathlib import Path
 
     from lmforge.config import parse_train_config
-    from lmforge.data.pipeline import build_datasets, check_tokenized_path, save_prepared
+    from lmforge.data import pipeline
     from lmforge.train.recipe import prepare_tokenizer
 
     config = parse_train_config(argv)
@@ -75,10 +77,14 @@ def cmd_preprocess(argv: list[str]) -> None:
     if config.data.streaming:
         raise LmforgeError("preprocess cannot save streamed data: set streaming: false")
     path = Path(config.data.tokenized_path)
-    check_tokenized_path(path)
+    pipeline.check_tokenized_path(path)
     tokenizer = prepare_tokenizer(config)
-    data = build_datasets(config.data, config.finetuning.stage, config.training.seed, tokenizer)
-    save_prepared(data, path)
+    specs = pipeline.shard_specs(config.data, config.finetuning.stage)
+    if specs is not None:
+        print(f"saved to {path}: {pipeline.write_token_shards(config.data, specs, tokenizer).describe()}")
+        return
+    data = pipeline.build_datasets(config.data, config.finetuning.stage, config.training.seed, tokenizer)
+    pipeline.save_prepared(data, path)
     print(f"saved to {path}: {data.summary.describe()}")
 
 

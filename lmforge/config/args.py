@@ -165,7 +165,8 @@ class DataArguments:
     tokenized_path: str | None = _opt(
         None,
         "Where `lmforge preprocess` saves the tokenized data; `train` loads it from there when it exists "
-        "(the data options are then ignored).",
+        "(the data options are then ignored). Stage pt saves token shards there (see lmforge/data/shards.py), "
+        "cut into cutoff_len blocks, with val_size held out, when train reads them.",
     )
     train_on_prompt: bool = _opt(False, "sft: take loss on every token, prompt and template included.")
     mask_history: bool = _opt(False, "sft: take loss only on the last assistant turn of each conversation.")

@@ -1,5 +1,6 @@
 """`get_datasets`: files -> tokenized train/eval datasets, cached by a key over data, options and
-tokenizer, so a second run with the same inputs does not tokenize again."""
+tokenizer, so a second run with the same inputs does not tokenize again. Stage pt with tokenized_path writes
+and reads token shards instead (lmforge/data/shards.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pyarrow.compute as pc
 from lmforge import __version__
 from lmforge.cache import cache_root, file_digests
 from lmforge.config import DataArguments
+from lmforge.data import shard_reader, shards
 from lmforge.data.catalogue import DatasetSpec, resolve_datasets
 from lmforge.data.formats import map_rows
 from lmforge.data.loader import load_raw
@@ -296,8 +298,19 @@ def load_prepared(path: Path, source: str) -> PreparedData:
     return PreparedData(dd["train"], dd.get("validation"), summary)
 
 
+def tokenized_files(path: Path) -> list[Path] | None:
+    """The files that stand for the tokenized data at `path` in a run's fingerprint: a saved dataset's files, or
+    the token shards' manifest (it holds every shard's hash and size); None when `path` holds neither."""
+    if shards.read_manifest(path) is not None:
+        return [path / shards.MANIFEST]
+    folder = tokenized_dir(path)
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder is not None else None
+
+
 def check_tokenized_path(path: Path) -> None:
     """Refuse a tokenized_path that holds something else: it is replaced whole when lmforge writes it."""
+    if shards.is_shard_folder(path):
+        return
     if tokenized_dir(path) is None and path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise LmforgeError(f"tokenized_path {path} exists and holds no tokenized dataset: choose a new folder "
                            "(nothing was written)")
@@ -315,10 +328,73 @@ def with_stage_columns(data: PreparedData, stage: str, path: str) -> PreparedDat
     return PreparedData(add(data.train), add(data.eval) if data.eval is not None else None, data.summary)
 
 
+def shard_specs(args: DataArguments, stage: str) -> dict[str, list[DatasetSpec]] | None:
+    """The datasets of each split ("train", "validation") to write as token shards: stage pt with tokenized_path,
+    unless an option needs the whole dataset in Arrow (packing, max_samples, interleaving, streaming) or a file is
+    csv or parquet; then None, with the reason logged."""
+    if stage != "pt" or not args.tokenized_path:
+        return None
+    specs = {"train": resolve_datasets(args.dataset, args.dataset_dir)}
+    if not specs["train"]:
+        raise LmforgeError("no dataset given: set `dataset` (names from dataset_info.json or file paths)")
+    if args.eval_dataset:
+        specs["validation"] = resolve_datasets(args.eval_dataset, args.dataset_dir)
+    types = {s.file_type for split in specs.values() for s in split} - {"json", "text"}
+    reasons = (("packing places whole documents", args.packing), ("streaming", args.streaming),
+               ("max_samples", args.max_samples),
+               (f"mix_strategy {args.mix_strategy}", args.mix_strategy != "concat" and len(specs["train"]) > 1),
+               (f"{', '.join(sorted(types))} files", types))
+    reason = next((why for why, applies in reasons if applies), None)
+    if reason:
+        logger.info("tokenized_path: an Arrow dataset, not token shards (%s)", reason)
+        return None
+    return specs
+
+
+def write_token_shards(args: DataArguments, specs: dict[str, list[DatasetSpec]], tokenizer: Any) -> shards.ShardReport:
+    """Bring the token shards in tokenized_path up to date with the datasets (see `shards.write_shards`)."""
+    path = Path(args.tokenized_path)
+    if tokenized_dir(path) is not None:
+        shutil.rmtree(path)  # an Arrow dataset lmforge wrote there before: replaced whole, as save_prepared does
+    report = shards.write_shards(specs, path, tokenizer, args.preprocessing_num_workers, args.overwrite_cache)
+    logger.info("token shards in %s: %s", path, report.describe())
+    return report
+
+
+def load_token_shards(args: DataArguments, stage: str, tokenizer: Any) -> PreparedData:
+    """Blocks of cutoff_len from the token shards in tokenized_path (written first when unfinished)."""
+    path = Path(args.tokenized_path)
+    if stage != "pt":
+        raise LmforgeError(f"tokenized_path {path} holds pt token shards; stage {stage} needs its own tokenized data: "
+                           "choose another tokenized_path")
+    if args.packing:
+        raise LmforgeError("packing cannot read token shards (one stream cut into cutoff_len blocks, no document "
+                           "boundaries): set packing: false, or preprocess with packing: true into another "
+                           "tokenized_path (an Arrow dataset)")
+    if shards.read_manifest(path) is None:
+        specs = shard_specs(args, stage)
+        if specs is not None:  # else open_blocks names the unfinished folder
+            write_token_shards(args, specs, tokenizer)
+    else:
+        logger.info("loading token shards from %s; data options other than cutoff_len and val_size are ignored", path)
+    train, evald, manifest = shard_reader.open_blocks(path, tokenizer, args.cutoff_len, args.val_size)
+    if not len(train):
+        raise LmforgeError(f"the token shards in {path} hold {manifest['totals']['tokens']} tokens, fewer than one "
+                           f"block of cutoff_len {args.cutoff_len}: lower cutoff_len or add data")
+    tokens = len(train) * args.cutoff_len
+    summary = DataSummary(rows=manifest["totals"]["documents"], examples=len(train), tokens=tokens, loss_tokens=tokens,
+                          eval_examples=len(evald) if evald is not None else 0, source=f"token shards in {path}")
+    summary.extra |= {"shards": manifest["totals"]["shards"], "corpus_tokens": manifest["totals"]["tokens"]}
+    return PreparedData(train, evald, summary)
+
+
 def get_datasets(args: DataArguments, stage: str, seed: int, tokenizer: Any) -> PreparedData:
     """Tokenized data for training: from `tokenized_path`, from the cache, or built now."""
     if args.tokenized_path:
-        check_tokenized_path(Path(args.tokenized_path))
+        path = Path(args.tokenized_path)
+        check_tokenized_path(path)
+        if shards.is_shard_folder(path) or tokenized_dir(path) is None and shard_specs(args, stage) is not None:
+            return load_token_shards(args, stage, tokenizer)
     if args.tokenized_path and tokenized_dir(Path(args.tokenized_path)) is not None:
         logger.warning("loading tokenized data from %s; data options are ignored", args.tokenized_path)
         return with_stage_columns(load_prepared(Path(args.tokenized_path), source=f"loaded from {args.tokenized_path}"),

@@ -12,6 +12,7 @@ from typing import Any
 from lmforge.config import TrainConfig
 from lmforge.data.collator import PackedCollator, PaddingCollator
 from lmforge.data.pipeline import with_length_column
+from lmforge.data.shard_reader import TokenBlocks
 from lmforge.model.varlen import use_varlen_sdpa
 from lmforge.train.recipe import build_model, finish_trainer, prepare_run, train_and_report, trainer_callbacks
 from lmforge.train.trainer import LmforgeTrainer
@@ -33,7 +34,9 @@ def build_trainer(config: TrainConfig, tokenizer: Any, data: Any, model: Any,
     collator = (PackedCollator(tokenizer.pad_token_id, attention) if packed
                 else PaddingCollator(tokenizer.pad_token_id, causal_mask_only=True))
     args.remove_unused_columns = False  # the collators take what they need (`lengths` included)
-    if args.train_sampling_strategy == "group_by_length" and not config.data.streaming:
+    if args.train_sampling_strategy == "group_by_length" and isinstance(data.train, TokenBlocks):
+        args.train_sampling_strategy = "random"  # blocks of one length: grouping them would read every block
+    elif args.train_sampling_strategy == "group_by_length" and not config.data.streaming:
         data.train = with_length_column(data.train)
     if config.data.streaming:
         # each process reads its own share of the stream: rank 0 fetching every process's batch and

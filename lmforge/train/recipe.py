@@ -17,7 +17,7 @@ import transformers
 
 from lmforge.config import TrainConfig
 from lmforge.data.catalogue import resolve_datasets
-from lmforge.data.pipeline import get_datasets, tokenized_dir
+from lmforge.data.pipeline import get_datasets, tokenized_files
 from lmforge.data.templates import CatalogueTemplate, missing_markers, template_for, template_mismatch
 from lmforge.errors import LmforgeError
 from lmforge.model.adapters import record_base_model, setup_finetuning
@@ -38,9 +38,9 @@ def run_stage(config: TrainConfig) -> dict[str, Any]:
 def data_files(config: TrainConfig) -> list[Path]:
     """The files the run's data comes from: tokenized_path's when it is loaded, else every dataset's."""
     d = config.data
-    folder = tokenized_dir(Path(d.tokenized_path)) if d.tokenized_path else None
-    if folder is not None:
-        return sorted(p for p in folder.rglob("*") if p.is_file())
+    files = tokenized_files(Path(d.tokenized_path)) if d.tokenized_path else None
+    if files is not None:
+        return files
     specs = resolve_datasets(d.dataset, d.dataset_dir) + resolve_datasets(d.eval_dataset, d.dataset_dir)
     return [f for spec in specs for f in spec.files]
 
