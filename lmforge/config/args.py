@@ -159,7 +159,8 @@ class DataArguments:
     interleave_probs: list[float] | None = _opt(
         None, "Sampling probabilities for interleave_* strategies, one per dataset (a list, or comma-separated)."
     )
-    streaming: bool = _opt(False, "Stream the data instead of loading it all (needs max_steps; no cache).")
+    streaming: bool = _opt(False, "Stream the data instead of loading it all (needs max_steps; no cache). Checkpoints "
+                           "save the stream's position; a resume continues it exactly (dataloader_num_workers: 0).")
     preprocessing_num_workers: int | None = _opt(None, "Processes used to tokenize the data.")
     overwrite_cache: bool = _opt(False, "Tokenize again even when a cached result exists.")
     tokenized_path: str | None = _opt(

@@ -18,6 +18,7 @@ from lmforge.data.collator import COUNT_KEYS, drop_redundant_mask
 from lmforge.errors import LmforgeError
 from lmforge.train import checkpoints as ckpt
 from lmforge.train.loss import capture_head_input, chunkable_head, linear_cross_entropy
+from lmforge.train.stream_state import StreamPosition
 
 LARGE_VOCAB = 32_000
 # the masks that count real tokens in batches built by TRL's collators: whole sequences, else prompt + completion
@@ -36,7 +37,7 @@ class EngineMixin:
     trainer: checkpoints staged in output_dir/.staging with a manifest and renamed into place, rotation that
     never removes the resume source, the NaN/inf policy decided once for all processes, tokens/s and padding
     in every log, FSDP2 on CPU, engine-gathered weights saved without tied copies, and a log line naming
-    the engine."""
+    the engine, and a streamed training set's position saved in each checkpoint (resumed without re-reading)."""
 
     def __init__(self, *args: Any, fingerprint: dict[str, Any] | None = None, nan_policy: str = "stop",
                  pack_size: int | None = None, **kwargs: Any):
@@ -54,6 +55,8 @@ class EngineMixin:
         self.guard = NonFiniteGuard(self)
         self.add_callback(self.guard)
         self.add_callback(EngineReport(self))
+        self.stream_position = StreamPosition(self)
+        self.add_callback(self.stream_position)
         self._counts: dict[str, Any] = {"real": 0, "positions": 0, "rows": 0}
         self._start = time.perf_counter()
         self._last_log = (self._start, {k: 0.0 for k in self._counts})
@@ -103,6 +106,7 @@ class EngineMixin:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir, self.args.save_total_limit = output_dir, limit
+        self.stream_position.save(staged, self.args.process_index, self.args.world_size)
         self.accelerator.wait_for_everyone()
         # transformers recorded the best checkpoint under .staging; point it (and its saved copy) at the final path
         best = self.state.best_model_checkpoint = ckpt.unstaged_path(self.state.best_model_checkpoint, run_dir)
@@ -131,6 +135,35 @@ class EngineMixin:
         staged.rename(final)
         keep = self.protected | ({str(Path(best).resolve())} if best else set())  # never rotate the best away
         ckpt.rotate(final.parent, limit, keep)
+
+    def get_train_dataloader(self) -> Any:
+        """The Trainer's loader; for a stream whose position can be saved, its batches carry that position."""
+        self.stream_position.attach(None)
+        if not self.stream_position.trackable(self.train_dataset, self.args, self.accelerator.dispatch_batches):
+            return super().get_train_dataloader()
+        collate = self.data_collator
+        self.data_collator = self.stream_position.marking(collate)
+        try:
+            loader = super().get_train_dataloader()
+        finally:
+            self.data_collator = collate
+        self.stream_position.attach(loader)
+        return loader
+
+    def _init_training_state(self, max_steps: int, num_update_steps_per_epoch: int, num_train_epochs: int,
+                             resume_from_checkpoint: str | None, trial: Any) -> tuple[int, int]:
+        """(epoch to start in, batches to skip in it): a stream resumes from its saved position, skipping none."""
+        start = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                             resume_from_checkpoint, trial)
+        if self.stream_position.source is None or self.args.ignore_data_skip:
+            return start
+        return self.stream_position.resume(resume_from_checkpoint, self.args.process_index, self.args.world_size,
+                                           start)
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self.stream_position.handed_out(batches)
+        return batches, num_items
 
     def train(self, resume_from_checkpoint: str | None = None, *args: Any, **kwargs: Any) -> Any:
         if resume_from_checkpoint:
