@@ -226,16 +226,26 @@ def load_model(args: ModelArguments, tokenizer: Any, compute_dtype: torch.dtype 
         model = auto.from_pretrained(path, **common, **({"num_labels": 1} if reward_head else {}))
     except (OSError, ValueError) as err:
         raise LmforgeError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from None
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    if len(tokenizer) > embedding_rows(model):
         grow_embeddings(model, len(tokenizer))
     return model
+
+
+def embedding_rows(model: Any) -> int:
+    """The input embedding's rows; under DeepSpeed ZeRO-3 the local weight is an empty partition, and the full
+    shape is `ds_shape`."""
+    weight = model.get_input_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]
 
 
 @torch.no_grad()
 def grow_embeddings(model: Any, size: int) -> None:
     """Resize the token embeddings (and an untied output head) to `size` rows; the new rows start at the mean
     of the old ones, so added tokens begin as an average token rather than noise."""
-    old = model.get_input_embeddings().weight.shape[0]
+    old = embedding_rows(model)
+    if hasattr(model.get_input_embeddings().weight, "ds_id"):  # ZeRO-3 partitions: transformers gathers them
+        model.resize_token_embeddings(size)  # its mean_resizing starts new rows around the mean
+        return
     model.resize_token_embeddings(size, mean_resizing=False)
     layers = [model.get_input_embeddings(), model.get_output_embeddings()]
     for layer in {id(m): m for m in layers if m is not None}.values():

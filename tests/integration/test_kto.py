@@ -21,11 +21,11 @@ def test_rows_are_rendered_and_masked_like_sft(smol_tokenizer, data_dir):
                           smol_tokenizer)
     assert sorted(data.train["label"]) == sorted(r["label"] for r in rows) and len(set(data.train["label"])) == 2
     for row in data.train.select(range(3)):
-        source = next(r for r in rows if smol_tokenizer.decode(row["completion_ids"]) == r["completion"] + "<|im_end|>")
+        source = next(r for r in rows if smol_tokenizer.decode(row["completion_ids"]) == r["completion"] + "<|im_end|>\n")
         messages = [{"role": "user", "content": source["prompt"]}, {"role": "assistant", "content": source["completion"]}]
         expected = smol_tokenizer(smol_tokenizer.apply_chat_template(messages, tokenize=False),
                                   add_special_tokens=False)["input_ids"]
-        assert row["prompt_ids"] + row["completion_ids"] == expected[:-1]  # all but the newline after <|im_end|>
+        assert row["prompt_ids"] + row["completion_ids"] == expected  # with the turn's own "\n", as in sft
         assert row["label"] == source["label"]
     sharegpt = build_datasets(DataArguments(dataset="kto_sharegpt_demo", dataset_dir=str(data_dir), template="auto"),
                               "kto", 0, smol_tokenizer)

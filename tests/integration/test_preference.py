@@ -26,9 +26,9 @@ def test_pairs_are_rendered_with_the_template_and_masked_like_sft(smol_tokenizer
         full = smol_tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": pairs[answer]["value"]}],
                                                   tokenize=False)
         expected = smol_tokenizer(full, add_special_tokens=False)["input_ids"]
-        assert row["prompt_ids"] + ids == expected[:-1]  # all but the template's newline after <|im_end|>
+        assert row["prompt_ids"] + ids == expected  # the answer ends with the turn's own "\n", as in sft
     assert smol_tokenizer.decode(row["prompt_ids"]).endswith("<|im_start|>assistant\n")
-    assert smol_tokenizer.decode(row["chosen_ids"]) == pairs["chosen"]["value"] + "<|im_end|>"
+    assert smol_tokenizer.decode(row["chosen_ids"]) == pairs["chosen"]["value"] + "<|im_end|>\n"
 
 
 @pytest.mark.parametrize("row, message", [
