@@ -57,14 +57,16 @@ def make_corpus(folder: Path, megabytes: float, seed: int = 0) -> Path:
 def measure(cmd: list[str], cwd: Path | None = None) -> tuple[float, float, str]:
     """(wall seconds, peak RSS in MB, output tail) of one command under /usr/bin/time -v (its peak is the
     largest resident set of the process and the children it waited for); raises on failure."""
+    timed = Path("/usr/bin/time").is_file()  # Debian's `time` package; without it the peak is not taken
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=cwd, capture_output=True, text=True,
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd] if timed else cmd, cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     wall = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd[:4])}... failed: {(proc.stdout + proc.stderr)[-1500:]}")
-    peak = next(int(line.split(":")[1]) for line in proc.stderr.splitlines() if "Maximum resident set size" in line)
-    return wall, peak / 1024, proc.stdout[-300:]
+    lines = [line for line in proc.stderr.splitlines() if "Maximum resident set size" in line] if timed else []
+    peak = int(lines[-1].split(":")[1]) / 1024 if lines else float("nan")
+    return wall, peak, proc.stdout[-300:]
 
 
 def disk_mb(path: Path) -> float:
