@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 import sys
 from typing import Callable
 
@@ -92,7 +91,7 @@ def cmd_chat(argv: list[str]) -> None:
     """Chat with a model in the terminal (streamed replies, history kept; `clear`, `exit`), or answer
     one --query and exit. With no model given it uses the embedded smollm2-135m-instruct."""
     from lmforge.config.parser import CHAT_GROUPS, build_groups, merge_sources
-    from lmforge.serve.chat import ChatEngine, load_for_inference, read_tools_file, run_repl
+    from lmforge.serve.chat import ChatEngine, calls_as_json, load_for_inference, read_tools_file, run_repl
 
     _, raw = merge_sources(argv)
     model_args, gen = build_groups(raw, CHAT_GROUPS)
@@ -103,8 +102,7 @@ def cmd_chat(argv: list[str]) -> None:
     if gen.query is not None:
         reply = engine.reply([{"role": "user", "content": gen.query}]).strip()
         calls = engine.tool_calls(reply) if engine.tools else None
-        print(json.dumps([{"name": c.name, "arguments": json.loads(c.arguments)} for c in calls],
-                         ensure_ascii=False) if calls else reply)
+        print(calls_as_json(calls) if calls else reply)
         return
     run_repl(engine)
 

@@ -105,7 +105,7 @@ def alpaca_converter(spec: DatasetSpec, present: list[str]) -> Converter:
     return convert
 
 
-def _tool_calls_json(calls: Any) -> str:
+def tool_calls_json(calls: Any) -> str:
     """OpenAI `tool_calls` -> the JSON list of {name, arguments} a function message holds (LLaMA-Factory's
     shape), with arguments given as JSON text parsed to an object."""
     out = []
@@ -151,18 +151,23 @@ def sharegpt_converter(spec: DatasetSpec, present: list[str]) -> Converter:
                 raise RowError(f"unknown role '{role}'; known: {', '.join(roles)} (map others with `tags`)")
             role = roles[role]
             if role == "assistant" and turn.get("tool_calls"):
-                role, content = "function", _tool_calls_json(turn["tool_calls"])
+                role, content = "function", tool_calls_json(turn["tool_calls"])
             else:
                 content = _text(turn.get(tag("content_tag")), "message content")
             if role == "function":
                 _check_calls(content)
-            if role == "observation" and messages and messages[-1]["role"] == "observation":
-                messages[-1]["content"] += "\n</tool_response>\n<tool_response>\n" + content
-                continue
-            messages.append({"role": role, "content": content})
+            add_message(messages, role, content)
         return split_system(messages, _text(row.get(system_column), system_column) if system_column else "")
 
     return convert
+
+
+def add_message(messages: list[dict[str, str]], role: str, content: str) -> None:
+    """Append a message; a tool result right after another joins it, as LLaMA-Factory joins them."""
+    if role == "observation" and messages and messages[-1]["role"] == "observation":
+        messages[-1]["content"] += "\n</tool_response>\n<tool_response>\n" + content
+    else:
+        messages.append({"role": role, "content": content})
 
 
 def _check_calls(content: str) -> None:

@@ -94,7 +94,7 @@ def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
     """The request's messages as the chat template takes them: an optional system message first, then
     prompts (user, or tool results) and replies (assistant text, or its tool calls) alternating, ending with
     a prompt. Consecutive tool results are joined into one observation, as in training data."""
-    from lmforge.data.formats import RowError, _tool_calls_json
+    from lmforge.data.formats import RowError, add_message, tool_calls_json
 
     messages: list[dict[str, str]] = []
     for i, m in enumerate(request.messages):
@@ -102,13 +102,10 @@ def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
         content = m.text()
         if role == "assistant" and m.tool_calls:
             try:
-                role, content = "function", _tool_calls_json(m.tool_calls)
+                role, content = "function", tool_calls_json(m.tool_calls)
             except RowError as err:
                 raise ApiError(400, f"messages[{i}].tool_calls: {err}", param=f"messages.{i}.tool_calls") from None
-        if role == "observation" and messages and messages[-1]["role"] == "observation":
-            messages[-1]["content"] += "\n</tool_response>\n<tool_response>\n" + content
-            continue
-        messages.append({"role": role, "content": content})
+        add_message(messages, role, content)
     turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
     prompts, replies = ("user", "observation"), ("assistant", "function")
     if not turns or turns[0]["role"] != "user" or turns[-1]["role"] not in prompts or any(

@@ -243,11 +243,16 @@ def _answer(engine: ChatEngine, history: list[dict[str, str]], stdin: TextIO, st
     if not calls:
         history.append({"role": "assistant", "content": reply})
         return False
-    as_json = json.dumps([{"name": c.name, "arguments": json.loads(c.arguments)} for c in calls], ensure_ascii=False)
+    as_json = calls_as_json(calls)
     stdout.write(f"Tool calls: {as_json}\nTool result: ")
     stdout.flush()
     history += [{"role": "function", "content": as_json}, {"role": "observation", "content": stdin.readline().strip()}]
     return True
+
+
+def calls_as_json(calls: list[Any]) -> str:
+    """Parsed tool calls as the JSON a function message holds: [{"name", "arguments"}, ...]."""
+    return json.dumps([{"name": c.name, "arguments": json.loads(c.arguments)} for c in calls], ensure_ascii=False)
 
 
 def read_tools_file(path: str) -> str:
