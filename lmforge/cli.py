@@ -66,6 +66,15 @@ def cmd_preprocess(argv: list[str]) -> None:
     preprocessing_num_workers processes; run again, it finishes an interrupted run and skips what is done."""
     from pathlib import Path
 
+    from lmforge.config.sources import merge_sources
+    from lmforge.data import shard_cache
+
+    _, raw = merge_sources(argv)
+    done = shard_cache.up_to_date(raw)
+    if done is not None:  # the same command found the same files: nothing to import, nothing to do
+        print(f"saved to {raw['tokenized_path']}: {done}")
+        return
+
     from lmforge.config import parse_train_config
     from lmforge.data import pipeline
     from lmforge.train.recipe import prepare_tokenizer
@@ -80,7 +89,9 @@ def cmd_preprocess(argv: list[str]) -> None:
     tokenizer = prepare_tokenizer(config)
     specs = pipeline.shard_specs(config.data, config.finetuning.stage)
     if specs is not None:
-        print(f"saved to {path}: {pipeline.write_token_shards(config.data, specs, tokenizer).describe()}")
+        report = pipeline.write_token_shards(config.data, specs, tokenizer)
+        shard_cache.remember(path, raw, pipeline.shard_dependencies(config.model, config.data))
+        print(f"saved to {path}: {report.describe()}")
         return
     data = pipeline.build_datasets(config.data, config.finetuning.stage, config.training.seed, tokenizer)
     pipeline.save_prepared(data, path)

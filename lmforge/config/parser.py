@@ -30,6 +30,7 @@ from lmforge.config.args import (
     TrainingArguments,
     WebuiArguments,
 )
+from lmforge.config.sources import ALIASES, load_yaml, merge_sources, split_cli  # noqa: F401 (re-exported)
 from lmforge.errors import LmforgeError
 from lmforge.stages import BOUND_OPTIONS, STAGES, owners_of
 
@@ -42,8 +43,6 @@ SCORE_GROUPS: tuple[type, ...] = (ScoreArguments,)
 DOCTOR_GROUPS: tuple[type, ...] = (*GROUPS, DoctorArguments)
 EVAL_GROUPS: tuple[type, ...] = (ModelArguments, DataArguments, EvalArguments)
 WEBUI_GROUPS: tuple[type, ...] = (WebuiArguments,)
-# LLaMA-Factory names that mean the same thing as one of ours.
-ALIASES: dict[str, str] = {"neat_packing": "packing", "enable_liger_kernel": "use_liger_kernel"}
 
 
 @dataclass
@@ -276,49 +275,6 @@ def coerce_option(name: str, value: Any, tp: Any) -> Any:
         ) from None
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config into a dict, naming file and line when it does not parse."""
-    path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise LmforgeError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise LmforgeError(f"{path}: the config must be a mapping of option: value, got {type(data).__name__}")
-    return data
-
-
-def split_cli(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
-    """`[CONFIG.yaml] --key value --flag --key=value` -> (config path, {key: raw string})."""
-    config_path = None
-    overrides: dict[str, Any] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            if config_path is None and i == 0:
-                config_path = arg
-                i += 1
-                continue
-            raise LmforgeError(f"unexpected argument {arg!r}: options are written --key value")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value = argv[i + 1]
-                i += 1
-            else:
-                value = "true"
-        overrides[key.replace("-", "_")] = value
-        i += 1
-    return config_path, overrides
-
-
 def all_option_names(groups: tuple[type, ...] = GROUPS) -> dict[str, type]:
     """Every option name mapped to the dataclass that owns it, to route and check YAML keys."""
     return {name: cls for cls in groups for name in init_fields(cls)}
@@ -353,20 +309,6 @@ def build_groups(raw: dict[str, Any], groups: tuple[type, ...] = GROUPS) -> list
         kwargs = {k: coerce_option(k, v, types_[k]) for k, v in raw.items() if known[k] is cls}
         built.append(cls(**kwargs))
     return built
-
-
-def merge_sources(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
-    """YAML first, then command-line values override it."""
-    config_path, overrides = split_cli(argv)
-    raw = load_yaml(config_path) if config_path else {}
-    raw.update(overrides)
-    for old, new in ALIASES.items():
-        if old in raw:
-            value = raw.pop(old)
-            # `packing: false` beside `neat_packing: true` (LLaMA-Factory style) means packing on
-            if new not in raw or str(value).lower() == "true":
-                raw[new] = value
-    return config_path, raw
 
 
 def parse_train_config(argv: list[str]) -> TrainConfig:

@@ -361,6 +361,16 @@ def write_token_shards(args: DataArguments, specs: dict[str, list[DatasetSpec]],
     return report
 
 
+def shard_dependencies(model: Any, args: DataArguments) -> list[Path]:
+    """Besides the inputs, the files token shards depend on: dataset_info.json (present or not) and the files the
+    tokenizer is read from (see `shard_cache`)."""
+    from lmforge.data.shard_cache import model_files
+    from lmforge.model.loader import resolve_model_path
+
+    name = model.tokenizer_name_or_path or model.model_name_or_path
+    return [Path(args.dataset_dir) / "dataset_info.json", *model_files(resolve_model_path(name), name)]
+
+
 def load_token_shards(args: DataArguments, stage: str, tokenizer: Any) -> PreparedData:
     """Blocks of cutoff_len from the token shards in tokenized_path (written first when unfinished)."""
     path = Path(args.tokenized_path)

@@ -487,12 +487,17 @@ def _up_to_date(path: Path, job: ShardJob, stats: dict[str, Any]) -> dict[str, A
     refuse_other_tokenizer(manifest, job, path)
     if manifest.get("inputs") != stats or manifest.get("dtype") != job.dtype:
         return None
+    return manifest if shards_whole(path, manifest) else None
+
+
+def shards_whole(path: Path, manifest: dict[str, Any]) -> bool:
+    """Whether every shard the manifest lists is on disk at its recorded size."""
     for split, shards in manifest["splits"].items():
         for shard in shards:
             bin_file = path / split / shard["file"]
             if not bin_file.is_file() or bin_file.stat().st_size != shard["bytes"]:
-                return None
-    return manifest
+                return False
+    return True
 
 
 def _previous_tokenizer(folders: dict[str, Path], job: ShardJob, path: Path) -> None:
