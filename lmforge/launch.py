@@ -80,12 +80,12 @@ def setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 
-    import transformers
-
     warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator.*")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*")
-
-    transformers.logging.set_verbosity_warning()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_warning()
+    else:  # read when transformers is imported: a command that never needs it does not pay ~1-2 s for it
+        os.environ["TRANSFORMERS_VERBOSITY"] = "warning"
 
 
 
