@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+from lmforge.config.sources import raw_flag
 from lmforge.errors import LmforgeError
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ CHOICES = ("auto", "jemalloc", "tcmalloc", "system")
 LIBRARIES = {"jemalloc": ("jemalloc",), "tcmalloc": ("tcmalloc_minimal", "tcmalloc")}
 AUTO = "tcmalloc"  # the one that kept the speed (see above)
 PACKAGES = {"jemalloc": "libjemalloc2 (Debian/Ubuntu) or jemalloc", "tcmalloc": "libtcmalloc-minimal4 or gperftools"}
-TRUE = ("true", "1", "yes", "on")
 
 
 def find_library(name: str) -> str | None:
@@ -46,7 +46,7 @@ def find_library(name: str) -> str | None:
 
 def _uses_gpu(raw: Mapping[str, object], environ: Mapping[str, str]) -> bool:
     """Whether the run will train on an accelerator, judged without importing torch."""
-    if str(raw.get("use_cpu", "")).lower() in TRUE or environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+    if raw_flag(raw, "use_cpu") or environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
     return Path("/dev/nvidiactl").exists() or Path("/dev/kfd").exists()
 
@@ -69,10 +69,11 @@ def choose(raw: Mapping[str, object], environ: Mapping[str, str]) -> tuple[str, 
     choice = str(raw.get("host_allocator", "auto")).lower()
     if choice not in CHOICES or choice == "system" or MARKER in environ or _preloaded(environ):
         return None  # an unknown value is named by the typed config; a preloaded process keeps what it has
-    if choice == "auto" and (_uses_gpu(raw, environ) or str(raw.get("release_host_memory", "")).lower() in TRUE):
+    if choice == "auto" and (_uses_gpu(raw, environ) or raw_flag(raw, "release_host_memory")):
         return None
-    library = find_library(AUTO if choice == "auto" else choice)
-    return (AUTO if choice == "auto" else choice, library) if library else None
+    name = AUTO if choice == "auto" else choice
+    library = find_library(name)
+    return (name, library) if library else None
 
 
 def reexec_with_allocator(raw: Mapping[str, object], argv: list[str]) -> None:

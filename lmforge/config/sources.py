@@ -7,7 +7,7 @@ peft, several seconds) so that a command can read its raw options first and deci
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -15,6 +15,12 @@ from lmforge.errors import LmforgeError
 
 # LLaMA-Factory names that mean the same thing as one of ours.
 ALIASES: dict[str, str] = {"neat_packing": "packing", "enable_liger_kernel": "use_liger_kernel"}
+TRUE_WORDS = ("true", "1", "yes", "on")
+
+
+def raw_flag(raw: Mapping[str, Any], key: str) -> bool:
+    """Whether raw option `key` is on, read before the typed config exists (YAML true or a command-line word)."""
+    return str(raw.get(key, "")).lower() in TRUE_WORDS
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from lmforge import __version__
+from lmforge.config.sources import raw_flag
 from lmforge.data import shards
 
 KEY = "made_by_command"
-TRUE = ("true", "1", "yes", "on")
 
 
 def options_hash(raw: dict[str, Any]) -> str:
@@ -67,7 +67,7 @@ def remember(path: Path, raw: dict[str, Any], depends_on: Iterable[Path]) -> Non
 def up_to_date(raw: dict[str, Any]) -> str | None:
     """What a re-run of a pt preprocess would report when the same command finds the same files, else None."""
     where = raw.get("tokenized_path")
-    if not where or str(raw.get("overwrite_cache", "")).lower() in TRUE:
+    if not where or raw_flag(raw, "overwrite_cache"):
         return None
     path = Path(str(where))
     manifest = shards.read_manifest(path)
