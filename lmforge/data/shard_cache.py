@@ -32,18 +32,6 @@ def options_hash(raw: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def file_stats(paths: Iterable[Path]) -> list[list[Any]]:
-    """[path, size, mtime_ns] of each path; a missing one is [path, None, None] (its later arrival counts)."""
-    out = []
-    for path in paths:
-        try:
-            st = path.stat()
-            out.append([str(path), st.st_size, st.st_mtime_ns])
-        except OSError:
-            out.append([str(path), None, None])
-    return out
-
-
 def model_files(resolved: str | Path, given: str | None) -> list[Path]:
     """What the tokenizer is read from: every file directly in the resolved model folder, and the .gguf the
     user named when the folder is its de-quantized copy."""
@@ -60,7 +48,7 @@ def remember(path: Path, raw: dict[str, Any], depends_on: Iterable[Path]) -> Non
     if manifest is None:
         return
     inputs = [Path(p) for stats in manifest["inputs"].values() for p, _, _ in stats]
-    manifest[KEY] = {"options": options_hash(raw), "files": file_stats([*inputs, *depends_on])}
+    manifest[KEY] = {"options": options_hash(raw), "files": shards.file_stats([*inputs, *depends_on])}
     shards.write_json(path / shards.MANIFEST, manifest)
 
 
@@ -74,7 +62,7 @@ def up_to_date(raw: dict[str, Any]) -> str | None:
     record = (manifest or {}).get(KEY)
     if not isinstance(record, dict) or record.get("options") != options_hash(raw):
         return None
-    if file_stats(Path(p) for p, _, _ in record.get("files", [])) != record["files"]:
+    if shards.file_stats(Path(p) for p, _, _ in record.get("files", [])) != record["files"]:
         return None
     if not shards.shards_whole(path, manifest):
         return None

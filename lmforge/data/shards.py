@@ -39,7 +39,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -182,13 +182,23 @@ def plan_split(split: str, specs: list[Any], every: int = SPLIT_BYTES) -> tuple[
     return tasks, empty
 
 
-def input_stats(specs_by_split: dict[str, list[Any]]) -> dict[str, list[list[Any]]]:
-    """Every input's [path, size, mtime_ns], per split: what a re-run compares before reading anything."""
-    out = {}
-    for split, specs in specs_by_split.items():
-        paths = [p.resolve() for spec in specs for p in spec.files]
-        out[split] = [[str(p), (st := p.stat()).st_size, st.st_mtime_ns] for p in paths]
+def file_stats(paths: Iterable[Path]) -> list[list[Any]]:
+    """[path, size, mtime_ns] of each path, what a re-run compares before reading anything; a missing one is
+    [path, None, None], so that its later arrival counts as a change."""
+    out = []
+    for path in paths:
+        try:
+            st = path.stat()
+            out.append([str(path), st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([str(path), None, None])
     return out
+
+
+def input_stats(specs_by_split: dict[str, list[Any]]) -> dict[str, list[list[Any]]]:
+    """Every input's [path, size, mtime_ns] (`file_stats`), per split."""
+    return {split: file_stats(p.resolve() for spec in specs for p in spec.files)
+            for split, specs in specs_by_split.items()}
 
 
 # --- reading documents ------------------------------------------------------------------------------------
