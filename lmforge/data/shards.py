@@ -36,13 +36,14 @@ import queue
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from lmforge.data.fast_bpe import fast_bpe
 from lmforge.errors import LmforgeError
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,11 @@ class ShardJob:
     dtype: str
     fingerprint: str
     tokenizer_name: str
+    encoder: Any = None  # fast_bpe.FastBPE standing in for the tokenizer (the same ids), or None
+
+    @property
+    def encoder_name(self) -> str:
+        return "tiktoken" if self.encoder is not None else "tokenizers"
 
     @property
     def bos(self) -> list[int]:
@@ -105,11 +111,13 @@ class ShardReport:
     dtype: str = ""
     empty_files: list[str] = field(default_factory=list)
     tokens_written: int = 0  # by this run (tokens counts every shard)
+    encoder: str = ""  # what ran the tokenizer's BPE: tiktoken or tokenizers
 
     def describe(self) -> str:
         rate = (f", {self.bytes_read / 1e6:.1f} MB tokenized in {self.seconds:.1f} s "
                 f"({self.bytes_read / 1e6 / max(self.seconds, 1e-9):.2f} MB/s, "
-                f"{self.tokens_written / max(self.seconds, 1e-9):,.0f} tokens/s)" if self.written else "")
+                f"{self.tokens_written / max(self.seconds, 1e-9):,.0f} tokens/s, BPE by {self.encoder})"
+                if self.written else "")
         empty = f", {len(self.empty_files)} empty files skipped" if self.empty_files else ""
         return (f"{self.written + self.reused} token shards ({self.written} written, {self.reused} already "
                 f"complete), {self.documents} documents, {self.tokens} tokens ({self.dtype}){empty}{rate}")
@@ -297,7 +305,8 @@ def encode_documents(texts: list[str], job: ShardJob) -> np.ndarray:
     texts = [t for t in texts if t]
     if not texts:
         return np.empty(0, dtype=job.dtype)
-    encoded = job.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    encoded = (job.encoder.encode(texts) if job.encoder is not None else
+               job.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"])
     bos, eos = job.bos, job.eos
     total = sum(map(len, encoded)) + len(encoded) * (len(bos) + len(eos))
     return np.fromiter(chain.from_iterable(x for ids in encoded for x in (bos, ids, eos)), job.dtype, total)
@@ -333,7 +342,7 @@ def write_shard(task: ShardTask, folder: Path, job: ShardJob, progress: Progress
         tmp.unlink(missing_ok=True)
     index = {"format": FORMAT, "version": VERSION, "documents": documents, "tokens": tokens,
              "bytes": tokens * np.dtype(job.dtype).itemsize, "blake2b": digest.hexdigest(), "dtype": job.dtype,
-             "tokenizer": job.tokenizer_name, "tokenizer_fingerprint": job.fingerprint,
+             "tokenizer": job.tokenizer_name, "tokenizer_fingerprint": job.fingerprint, "encoder": job.encoder_name,
              "bos_token_id": job.tokenizer.bos_token_id, "eos_token_id": job.tokenizer.eos_token_id,
              "rows_without_text": missing, **asdict(task)}
     write_json(folder / f"{task.name}.json", index)
@@ -552,6 +561,8 @@ def write_shards(specs_by_split: dict[str, list[Any]], path: Path, tokenizer: An
     tasks = [t for tasks, _ in plans.values() for t in tasks]
     reused = {t: i for t in tasks if not overwrite and (i := finished_index(t, folders[t.split], job)) is not None}
     todo = [t for t in tasks if t not in reused]
+    if todo:
+        job = replace(job, encoder=fast_bpe(tokenizer, next(read_documents(todo[0]), ([],))[0]))
     meter = _Meter(sum(t.end - t.start for t in todo), disable=not progress_bar or not todo)
     try:
         written = _run(todo, folders, job, workers, meter)
@@ -559,6 +570,7 @@ def write_shards(specs_by_split: dict[str, list[Any]], path: Path, tokenizer: An
         meter.bar.close()
     indexes = reused | written
     report = ShardReport(written=len(written), reused=len(reused), dtype=job.dtype, bytes_read=meter.bytes,
+                         encoder=job.encoder_name,
                          tokens_written=meter.tokens, empty_files=[e for _, empty in plans.values() for e in empty])
     report.documents = sum(i["documents"] for i in indexes.values())
     report.tokens = sum(i["tokens"] for i in indexes.values())

@@ -59,6 +59,15 @@ def test_shards_hold_the_stream_stage_pt_tokenizes_with_an_index_each(corpus, sm
     from lmforge.data.pipeline import tokenizer_fingerprint
 
     assert index["tokenizer_fingerprint"] == tokenizer_fingerprint(smol_tokenizer)
+    assert index["encoder"] == report.encoder == "tiktoken"  # SmolLM2's byte-level BPE: the same ids, faster
+
+
+def test_shards_are_the_same_without_tiktoken(corpus, smol_tokenizer, monkeypatch):
+    monkeypatch.setenv("LMFORGE_FAST_BPE", "0")
+    report = shards.write_shards(specs(corpus, "a.jsonl", "b.txt"), corpus / "tok", smol_tokenizer,
+                                 progress_bar=False)
+    assert report.encoder == "tokenizers"
+    assert [[t] for t in stream(corpus / "tok").tolist()] == expected_stream(smol_tokenizer, DOCS)
 
 
 def test_a_large_file_is_cut_at_line_starts_into_shards_of_the_same_stream(corpus, smol_tokenizer):
