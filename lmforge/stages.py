@@ -31,6 +31,7 @@ class Stage:
     aliases: tuple[str, ...] = ()
     options: tuple[str, ...] = ()  # options that only this stage (and others listing them) reads
     packs: bool = False  # `packing` applies
+    streams: bool = False  # `streaming` applies (the other stages measure, pair or sample the whole dataset)
     perplexity: bool = False  # eval_loss is a next-token loss, so exp(eval_loss) is reported
     plots: tuple[tuple[str, str], ...] = LOSS_PLOTS
     template: bool = True  # renders conversations with a chat template
@@ -54,11 +55,12 @@ RL_OPTIONS = ("reward_model", "reward_funcs", "reward_weights", "reward_format_r
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("pt", "next-token loss on raw text, cut into cutoff_len blocks (or whole documents with packing)",
           recipe="lmforge.train.causal_lm:run", rows="lmforge.data.formats:to_text",
-          encoder="lmforge.data.processors:pt_encoder", packs=True, perplexity=True, template=False, doctor=True),
+          encoder="lmforge.data.processors:pt_encoder", packs=True, streams=True, perplexity=True, template=False,
+          doctor=True),
     Stage("sft", "supervised fine-tuning on conversations, loss on the assistant's tokens",
           recipe="lmforge.train.causal_lm:run", rows="lmforge.data.formats:to_chat",
-          encoder="lmforge.data.processors:sft_encoder", options=("max_new_tokens",), packs=True, perplexity=True,
-          doctor=True),
+          encoder="lmforge.data.processors:sft_encoder", options=("max_new_tokens",), packs=True, streams=True,
+          perplexity=True, doctor=True),
     Stage("rm", "a reward model on chosen/rejected pairs (pairwise loss, accuracy and margin)",
           recipe="lmforge.train.preference:run", rows="lmforge.data.pairwise:to_pairs",
           encoder="lmforge.data.pairwise:pairs_encoder", reward_head=True,

@@ -109,6 +109,10 @@ class TrainConfig:
         if self.data.packing and not spec.packs:
             packers = " and ".join(s for s in STAGES if STAGES[s].packs)
             raise LmforgeError(f"packing applies to stage {packers}, not {stage}: set packing: false")
+        if self.data.streaming and not spec.streams:
+            streamers = " and ".join(s for s in STAGES if STAGES[s].streams)
+            raise LmforgeError(f"streaming applies to stage {streamers}; stage {stage} reads its whole dataset (to "
+                               "measure, pair or sample it): set streaming: false")
         groups = (self.finetuning, self.rl)
         for name in sorted(BOUND_OPTIONS - set(spec.options)):
             group = next(g for g in groups if name in init_fields(type(g)))

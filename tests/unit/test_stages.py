@@ -30,6 +30,10 @@ def test_aliases_and_unknown_stages():
     (["--stage", "grpo", "--reward_funcs", "length", "--train_sampling_strategy", "group_by_length"],
      "stage grpo cannot use train_sampling_strategy group_by_length"),
     (["--stage", "rm", "--packing", "true"], "packing applies to stage pt and sft, not rm"),
+    # a traceback before: dpo's pair lengths and kto's KL pairs are taken over the whole dataset
+    (["--stage", "dpo", "--streaming", "true", "--max_steps", "3"],
+     "streaming applies to stage pt and sft; stage dpo reads its whole dataset"),
+    (["--stage", "kto", "--streaming", "true", "--max_steps", "3"], "stage kto reads its whole dataset"),
     (["--stage", "sft", "--pref_beta", "0.2"], "pref_beta applies only to stage: dpo or kto, but stage is sft"),
 ])
 def test_options_a_stage_would_not_honour_are_refused(argv, message, tmp_path):
