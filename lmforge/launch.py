@@ -82,6 +82,8 @@ def setup_logging() -> None:
 
     warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator.*")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*")
+    # torchdata 0.11's StatefulDataLoader (streams read by loader workers) calls an API torch 2.13 deprecated
+    warnings.filterwarnings("ignore", message=".*'set_vital' is deprecated.*")
     if "transformers" in sys.modules:
         sys.modules["transformers"].logging.set_verbosity_warning()
     else:  # read when transformers is imported: a command that never needs it does not pay ~1-2 s for it

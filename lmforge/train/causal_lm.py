@@ -38,10 +38,6 @@ def build_trainer(config: TrainConfig, tokenizer: Any, data: Any, model: Any,
         args.train_sampling_strategy = "random"  # blocks of one length: grouping them would read every block
     elif args.train_sampling_strategy == "group_by_length" and not config.data.streaming:
         data.train = with_length_column(data.train)
-    if config.data.streaming:
-        # each process reads its own share of the stream: rank 0 fetching every process's batch and
-        # concatenating them fails on batches padded to different lengths
-        args.accelerator_config.dispatch_batches = False
     return finish_trainer(LmforgeTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
         data_collator=collator, callbacks=trainer_callbacks(config), pack_size=config.data.cutoff_len if packed

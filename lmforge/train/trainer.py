@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
@@ -47,6 +48,11 @@ class EngineMixin:
             # trainable parameter in each forward, so DDP's search for unused ones (transformers' default) is
             # an extra graph walk per step; mixture-of-experts layers can leave experts unrouted, so they keep it
             train_args.ddp_find_unused_parameters = is_mixture_of_experts(model)
+        if (train_args is not None and isinstance(kwargs.get("train_dataset"), datasets.IterableDataset)
+                and train_args.accelerator_config.dispatch_batches is None):
+            # each process reads its own share of a stream: rank 0 fetching every process's batch and
+            # concatenating them fails on batches padded to different lengths, and keeps no position per process
+            train_args.accelerator_config.dispatch_batches = False
         super().__init__(*args, **kwargs)
         self.fingerprint = fingerprint or {"config": ""}
         self.nan_policy = nan_policy
@@ -141,6 +147,16 @@ class EngineMixin:
         self.stream_position.attach(None)
         if not self.stream_position.trackable(self.train_dataset, self.args, self.accelerator.dispatch_batches):
             return super().get_train_dataloader()
+        workers = self.args.dataloader_num_workers
+        if workers > 0:  # the workers hold the stream: torchdata's loader keeps their positions
+            config = self.accelerator.dataloader_config
+            config.use_stateful_dataloader = True
+            try:
+                loader = super().get_train_dataloader()
+            finally:
+                config.use_stateful_dataloader = False
+            self.stream_position.attach(loader, workers)
+            return loader
         collate = self.data_collator
         self.data_collator = self.stream_position.marking(collate)
         try:
@@ -161,6 +177,8 @@ class EngineMixin:
                                            start)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        if self.stream_position.loader is not None:
+            epoch_iterator = self.stream_position.marked(epoch_iterator)
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         self.stream_position.handed_out(batches)
         return batches, num_items

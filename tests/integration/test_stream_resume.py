@@ -149,16 +149,23 @@ def test_a_run_that_does_not_stream_saves_no_stream_position(tiny_llama_dir, tmp
     assert not list(out.glob("checkpoint-*/stream_state_*"))
 
 
-def test_two_processes_each_resume_their_own_shard(tiny_llama_dir, tmp_path):
-    """Two data files, one shard per process, 6 examples each (6 steps a pass); the first file also holds a
-    row longer than cutoff_len, which the stream drops, so the two processes stand at different rows of their
-    files. Each saves and restores its own position: the resumed run ends as the uninterrupted one did."""
-    data = tmp_path / "two-shards"
+def two_files(tmp_path: Path, second: int) -> Path:
+    """A dataset folder of two files (two stream shards): 6 alpaca rows and a row longer than cutoff_len (the
+    stream drops it), then `second` other rows."""
+    data = tmp_path / "two-files"
     data.mkdir()
     rows = json.loads((ROOT / "data" / "alpaca_demo.json").read_text())
     too_long = {"instruction": "word " * 3000, "input": "", "output": "x"}
     (data / "part0.json").write_text(json.dumps(rows[:3] + [too_long] + rows[3:6]))
-    (data / "part1.json").write_text(json.dumps(rows[6:12]))
+    (data / "part1.json").write_text(json.dumps(rows[6:6 + second]))
+    return data
+
+
+def test_two_processes_each_resume_their_own_shard(tiny_llama_dir, tmp_path):
+    """Two data files, one shard per process, 6 examples each (6 steps a pass); the first file also holds a
+    row longer than cutoff_len, which the stream drops, so the two processes stand at different rows of their
+    files. Each saves and restores its own position: the resumed run ends as the uninterrupted one did."""
+    data = two_files(tmp_path, second=6)
 
     def command(out: Path) -> list[str]:
         args = stream_args(tiny_llama_dir, out, "--per_device_train_batch_size", "1", "--max_steps", "8",
@@ -177,3 +184,34 @@ def test_two_processes_each_resume_their_own_shard(tiny_llama_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert logged_steps(base) == logged_steps(out)
 
+
+def test_a_stream_read_by_loader_workers_resumes_bit_identical(dropout_model_dir, tmp_path, caplog):
+    """dataloader_num_workers 2: each worker reads one of two files (one row too long, dropped; the files of
+    3 and 4 batches, so the turns go w0 w1 w0 w1 w0 w1 w1 and a pass is 7 steps). torchdata's
+    StatefulDataLoader state, saved per checkpoint, restores each worker's position and whose turn is next:
+    a resume at step 3 (worker 1's turn), 6 (only worker 1 left) and 9 (after the wrap) ends as the
+    uninterrupted run did, with nothing re-read."""
+    data = two_files(tmp_path, second=8)
+    extra = ("--dataset", str(data), "--dataloader_num_workers", "2", "--per_device_train_batch_size", "2",
+             "--save_steps", "1", "--max_steps", "10")
+    base = tmp_path / "base"
+    train(dropout_model_dir, base, *extra)
+    saved = json.loads((base / "checkpoint-3" / "stream_state_0.json").read_text())
+    assert saved["workers"] == 2 and "loader" in saved and (saved["epoch"], saved["batches_in_epoch"]) == (0, 3)
+    assert json.loads((base / "checkpoint-7" / "stream_state_0.json").read_text())["exhausted"] is True
+    for step, epoch, batch in ((3, 0, 3), (6, 0, 6), (9, 1, 2)):
+        out = killed_after(base, step, tmp_path / f"resumed-{step}")
+        with caplog.at_level("INFO"):
+            train(dropout_model_dir, out, *extra)
+        assert f"resuming the stream at epoch {epoch} after its batch {batch} (nothing re-read)" in caplog.text
+        assert_same_run(base, out)
+
+
+def test_a_worker_count_change_resumes_by_skipping_with_a_warning(tiny_llama_dir, tmp_path, caplog):
+    base = tmp_path / "base"
+    train(tiny_llama_dir, base, *WRAPPING, "--max_steps", "4", "--dataloader_num_workers", "1")
+    out = killed_after(base, 2, tmp_path / "resumed")
+    with caplog.at_level("WARNING"):
+        train(tiny_llama_dir, out, *WRAPPING, "--max_steps", "4")
+    assert "holds the stream position of 1 loader workers, and dataloader_num_workers is 0" in caplog.text
+    assert_same_run(base, out)  # before a wrap, skipping resumes exactly
