@@ -35,6 +35,8 @@ PRIVATE_HOOKS = (
                 "EngineMixin._init_training_state: a stream resumes from its saved position, skipping nothing"),
     PrivateHook("transformers:Trainer", "_load_rng_state", ("checkpoint",),
                 "StreamPosition.handed_out: the RNG as the uninterrupted run had it"),
+    PrivateHook("transformers:Trainer", "_get_train_sampler", ("train_dataset",),
+                "EngineMixin._get_train_sampler: token blocks in accelerate's seeded order, without a list"),
     PrivateHook("transformers:Trainer", "get_batch_samples", ("epoch_iterator", "num_batches", "device"),
                 "EngineMixin.get_batch_samples: each batch's stream position"),
     PrivateHook("trl:DPOTrainer", "_prepare_dataset", ("dataset", "processing_class", "args", "dataset_name"),

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
+from torch.utils.data import Sampler
 
 from lmforge.data.shards import MANIFEST, make_job, read_manifest, refuse_other_tokenizer
 from lmforge.errors import LmforgeError
@@ -86,6 +88,34 @@ class TokenBlocks:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_maps": OrderedDict()}
+
+
+class BlockOrder(Sampler[int]):
+    """The training order of the blocks: the permutation accelerate's SeedableRandomSampler draws (randperm
+    seeded with data seed + epoch, the same on every process), without its list. RandomSampler turns the
+    permutation into a Python list, 36 bytes a block (100 MB for the 2.8M blocks of 5 GB of text); this keeps
+    the int64 tensor (8 bytes a block) and hands it out a chunk at a time."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, count: int, data_seed: int | None):
+        self.count = count
+        self.initial_seed = data_seed if data_seed is not None else torch.random.initial_seed()
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Any:
+        generator = torch.Generator()
+        generator.manual_seed(self.initial_seed + self.epoch)
+        order = torch.randperm(self.count, generator=generator)
+        for part in order.split(self.CHUNK):
+            yield from part.tolist()
+        self.epoch += 1
 
 
 def open_blocks(path: Path, tokenizer: Any, block_size: int, val_size: float) -> tuple[TokenBlocks, TokenBlocks | None,

@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from lmforge.data.collator import COUNT_KEYS, drop_redundant_mask
+from lmforge.data.shard_reader import BlockOrder, TokenBlocks
 from lmforge.errors import LmforgeError
 from lmforge.train import checkpoints as ckpt
 from lmforge.train.loss import capture_head_input, chunkable_head, linear_cross_entropy
@@ -141,6 +142,13 @@ class EngineMixin:
         staged.rename(final)
         keep = self.protected | ({str(Path(best).resolve())} if best else set())  # never rotate the best away
         ckpt.rotate(final.parent, limit, keep)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if (isinstance(dataset, TokenBlocks) and self.args.train_sampling_strategy == "random"
+                and self.args.accelerator_config.use_seedable_sampler):
+            return BlockOrder(len(dataset), self.args.data_seed)  # the same order, without a list per block
+        return super()._get_train_sampler(train_dataset)
 
     def get_train_dataloader(self) -> Any:
         """The Trainer's loader; for a stream whose position can be saved, its batches carry that position."""

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.data_loader import SeedableRandomSampler
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from lmforge.cli import main
-from lmforge.data.shard_reader import TokenBlocks
+from lmforge.data.shard_reader import BlockOrder, TokenBlocks
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCKS = 38  # 32-token blocks of the 1,233 tokens of finance_corpus (24 documents, BOS text EOS)
@@ -75,7 +76,10 @@ class CrashAfterStep(TrainerCallback):
 def test_a_run_killed_at_step_2_resumes_to_the_same_weights_and_skips_blocks_unread(
         tiny_llama_dir, shards_dir, tmp_path, monkeypatch, reads):
     import lmforge.train.causal_lm as causal_lm
+    import lmforge.train.trainer as trainer
 
+    samplers = []
+    monkeypatch.setattr(trainer, "BlockOrder", lambda *a: samplers.append(BlockOrder(*a)) or samplers[-1])
     run = ["train", "--save_steps", "2"]
     whole = tmp_path / "whole"
     assert main([*run, *options(tiny_llama_dir, shards_dir, whole)]) == 0
@@ -90,6 +94,8 @@ def test_a_run_killed_at_step_2_resumes_to_the_same_weights_and_skips_blocks_unr
     reads.clear()
     assert main([*run, *options(tiny_llama_dir, shards_dir, crashed)]) == 0  # the same command resumes
     assert len(order) == 10 and order != sorted(order)  # 4 steps of 2 shuffled blocks, and the batch fetched ahead
+    # drawn by BlockOrder in the order accelerate's seeded sampler gave before it (seed 3)
+    assert samplers and order[:8] == list(SeedableRandomSampler(range(samplers[0].count), data_seed=3))[:8]
     assert reads == order[4:]  # the blocks of steps 1-2 are skipped by index, never read
     a, b = load_file(whole / "model.safetensors"), load_file(crashed / "model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -5,7 +5,7 @@ from lmforge.compat import PRIVATE_HOOKS, attention_registered, hook_problems
 
 def test_every_private_hook_has_the_expected_signature():
     assert hook_problems() == []
-    assert len(PRIVATE_HOOKS) == 10
+    assert len(PRIVATE_HOOKS) == 11
 
 
 def test_a_changed_signature_is_reported(monkeypatch):

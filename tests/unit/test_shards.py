@@ -277,3 +277,33 @@ def test_get_datasets_writes_and_reads_shards_for_pt_and_keeps_arrow_otherwise(c
         get_datasets(DataArguments(**args, packing=True, tokenized_path=str(corpus / "tok")), "pt", 0, smol_tokenizer)
     with pytest.raises(LmforgeError, match="holds pt token shards; stage sft needs its own tokenized data"):
         get_datasets(DataArguments(**args, tokenized_path=str(corpus / "tok")), "sft", 0, smol_tokenizer)
+
+
+@pytest.mark.parametrize("data_seed", [None, 7])
+def test_block_order_is_accelerates_seeded_order_without_a_list(data_seed):
+    """The same permutation per epoch as SeedableRandomSampler (what training from shards used before, so a
+    checkpoint of then resumes in the same order), but the 1M-block pass starts without a million ints."""
+    import tracemalloc
+
+    import torch
+    from accelerate.data_loader import SeedableRandomSampler
+
+    from lmforge.data.shard_reader import BlockOrder
+
+    torch.manual_seed(3)
+    ours, theirs = BlockOrder(1000, data_seed), SeedableRandomSampler(range(1000), data_seed=data_seed)
+    for epoch in (0, 1):
+        ours.set_epoch(epoch)
+        theirs.set_epoch(epoch)
+        assert list(ours) == list(theirs)
+    assert list(ours) == list(theirs)  # each pass moves on to the next epoch's order by itself
+
+    def first_held(sampler) -> int:
+        tracemalloc.start()
+        next(iter(sampler))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    assert first_held(BlockOrder(1_000_000, data_seed)) < 4e6
+    assert first_held(SeedableRandomSampler(range(1_000_000), data_seed=data_seed)) > 30e6
