@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +72,7 @@ class FastBPE:
 
     encoding: Any
     ids: np.ndarray  # rank -> the tokenizer's id, -1 where its vocabulary lacks the token
-    added: tuple[str, ...]  # texts the tokenizer matches before its BPE: those texts go through it
+    added: re.Pattern[str] | None  # texts the tokenizer matches before its BPE (texts holding one go through it)
     tokenizer: Any
 
     @classmethod
@@ -97,7 +98,8 @@ class FastBPE:
             rank = ranks.get(bytes(byte_of[c] for c in text)) if all(c in byte_of for c in text) else None
             if rank is not None:
                 ids[rank] = token_id
-        added = tuple(t["content"] for t in spec.get("added_tokens", []) if t.get("content"))
+        texts = sorted({t["content"] for t in spec.get("added_tokens", []) if t.get("content")}, key=len, reverse=True)
+        added = re.compile("|".join(map(re.escape, texts))) if texts else None  # one pass, however many
         encoding = tiktoken.Encoding("lmforge", pat_str=regex, mergeable_ranks=ranks, special_tokens={})
         fast = cls(encoding, ids, added, tokenizer)
         if not spec["model"].get("ignore_merges"):
@@ -134,9 +136,9 @@ class FastBPE:
 
     def _with_added(self, texts: list[str]) -> set[int]:
         """Indices of the texts holding an added token's text (checked on the whole batch first: rarely any)."""
-        joined = "\0".join(texts)
-        present = [a for a in self.added if a in joined]
-        return {i for i, t in enumerate(texts) if any(a in t for a in present)} if present else set()
+        if self.added is None or not self.added.search("\0".join(texts)):
+            return set()
+        return {i for i, t in enumerate(texts) if self.added.search(t)}
 
     def agrees(self, texts: list[str]) -> str | None:
         """None when tiktoken gives the tokenizer's ids for every text, else the first text that differs."""
