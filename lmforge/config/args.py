@@ -159,8 +159,9 @@ class DataArguments:
     interleave_probs: list[float] | None = _opt(
         None, "Sampling probabilities for interleave_* strategies, one per dataset (a list, or comma-separated)."
     )
-    streaming: bool = _opt(False, "Stream the data instead of loading it all (needs max_steps; no cache). Checkpoints "
-                           "save the stream's position; a resume continues it exactly (dataloader_num_workers: 0).")
+    streaming: bool = _opt(False, "Stream the data instead of loading it all (stage pt and sft; needs max_steps; no "
+                           "cache). Checkpoints save the stream's position (each loader worker's too); a resume "
+                           "continues it exactly.")
     preprocessing_num_workers: int | None = _opt(None, "Processes used to tokenize the data.")
     overwrite_cache: bool = _opt(False, "Tokenize again even when a cached result exists.")
     tokenized_path: str | None = _opt(
