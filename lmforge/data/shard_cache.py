@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 from lmforge import __version__
 from lmforge.config.sources import raw_flag
-from lmforge.data import shards
+from lmforge.data import shard_input, shards
 
 KEY = "made_by_command"
 
@@ -48,7 +48,7 @@ def remember(path: Path, raw: dict[str, Any], depends_on: Iterable[Path]) -> Non
     if manifest is None:
         return
     inputs = [Path(p) for stats in manifest["inputs"].values() for p, _, _ in stats]
-    manifest[KEY] = {"options": options_hash(raw), "files": shards.file_stats([*inputs, *depends_on])}
+    manifest[KEY] = {"options": options_hash(raw), "files": shard_input.file_stats([*inputs, *depends_on])}
     shards.write_json(path / shards.MANIFEST, manifest)
 
 
@@ -62,7 +62,7 @@ def up_to_date(raw: dict[str, Any]) -> str | None:
     record = (manifest or {}).get(KEY)
     if not isinstance(record, dict) or record.get("options") != options_hash(raw):
         return None
-    if shards.file_stats(Path(p) for p, _, _ in record.get("files", [])) != record["files"]:
+    if shard_input.file_stats(Path(p) for p, _, _ in record.get("files", [])) != record["files"]:
         return None
     if not shards.shards_whole(path, manifest):
         return None

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lmforge.config import DataArguments
-from lmforge.data import shard_reader, shards
+from lmforge.data import shard_input, shard_reader, shards
 from lmforge.data.catalogue import resolve_datasets
 from lmforge.data.pipeline import check_tokenized_path, get_datasets
 from lmforge.data.processors import encode_pt_batch
@@ -105,7 +105,7 @@ def test_a_json_array_file_is_one_shard(tmp_path, smol_tokenizer):
 def test_a_rerun_with_everything_present_reads_no_input(corpus, smol_tokenizer, monkeypatch):
     first = shards.write_shards(specs(corpus, "a.jsonl", "b.txt"), corpus / "tok", smol_tokenizer, progress_bar=False)
     monkeypatch.setattr(shards, "read_documents", lambda task: pytest.fail("an input was read again"))
-    monkeypatch.setattr(shards, "line_starts", lambda *a: pytest.fail("an input was planned again"))
+    monkeypatch.setattr(shard_input, "line_starts", lambda *a: pytest.fail("an input was planned again"))
     again = shards.write_shards(specs(corpus, "a.jsonl", "b.txt"), corpus / "tok", smol_tokenizer, progress_bar=False)
     assert (again.written, again.reused, again.tokens) == (0, 2, first.tokens)
 
