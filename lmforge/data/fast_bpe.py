@@ -5,8 +5,9 @@ the offsets and alignments of every piece, which shards never use; tiktoken spli
 merges by the same ranks without them (bench/RESULTS.md has the figures). It stands in only where it gives
 the tokenizer's own ids:
 
-- the tokenizer is a byte-level BPE with no normalizer, pre-tokenized by the GPT-2 regex (GPT-2, SmolLM2)
-  or by one Split regex before a regex-free byte level (Llama 3, Qwen2), with no dropout or byte fallback;
+- the tokenizer is a byte-level BPE, pre-tokenized by the GPT-2 regex (GPT-2, SmolLM2) or by one Split regex
+  before a regex-free byte level (Llama 3, Qwen2), with no dropout or byte fallback, and no normalizer but
+  NFC or NFKC (Qwen2's NFC is applied to the text first, by Python's unicodedata);
   tiktoken's ranks are the merges' order, the first merge forming a token giving it its rank;
 - a text holding an added token's text goes to the tokenizer itself (it matches those before its BPE), as
   does one where tiktoken forms a token the vocabulary lacks;
@@ -24,12 +25,14 @@ import json
 import logging
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
+NORMAL_FORMS = ("NFC", "NFKC")  # normalizers Python's unicodedata applies as tokenizers does
 GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 PROBE = ("Hello world! It's 2026: don't we'll they've I'm you'd 12345 3.14159 -42 ids[0] += x**2;\n\n"
          "    def f(a, b):\n\treturn a  +  b   \r\n  trailing spaces   \n"
@@ -54,10 +57,17 @@ def _split_regex(pre: dict[str, Any] | None) -> str:
     raise Unsupported(f"pre-tokenizer {json.dumps(pre)[:120]} is not a byte-level regex split")
 
 
+def _normal_form(normalizer: dict[str, Any] | None) -> str | None:
+    """The Unicode normal form a tokenizer's normalizer applies (Qwen2's NFC), None for none."""
+    if normalizer is None:
+        return None
+    if normalizer.get("type") in NORMAL_FORMS:
+        return normalizer["type"]
+    raise Unsupported(f"it normalizes text ({normalizer.get('type')})")
+
+
 def _check_model(spec: dict[str, Any]) -> None:
     model = spec.get("model", {})
-    if spec.get("normalizer") is not None:
-        raise Unsupported(f"it normalizes text ({spec['normalizer'].get('type')})")
     if model.get("type") != "BPE":
         raise Unsupported(f"its model is {model.get('type')}, not BPE")
     extras = {k: model.get(k) for k in ("dropout", "byte_fallback", "continuing_subword_prefix", "end_of_word_suffix")
@@ -74,6 +84,7 @@ class FastBPE:
     ids: np.ndarray  # rank -> the tokenizer's id, -1 where its vocabulary lacks the token
     added: re.Pattern[str] | None  # texts the tokenizer matches before its BPE (texts holding one go through it)
     tokenizer: Any
+    normal_form: str | None = None  # applied to each text first, as the tokenizer's normalizer does
 
     @classmethod
     def build(cls, tokenizer: Any) -> FastBPE:
@@ -86,6 +97,7 @@ class FastBPE:
             raise Unsupported("it has no fast (Rust) tokenizer")
         spec = json.loads(backend.to_str())
         _check_model(spec)
+        normal_form = _normal_form(spec.get("normalizer"))
         regex = _split_regex(spec.get("pre_tokenizer"))
         char_of = bytes_to_unicode()  # byte -> the printable character byte-level BPE writes it as
         byte_of = {char: byte for byte, char in char_of.items()}
@@ -101,7 +113,7 @@ class FastBPE:
         texts = sorted({t["content"] for t in spec.get("added_tokens", []) if t.get("content")}, key=len, reverse=True)
         added = re.compile("|".join(map(re.escape, texts))) if texts else None  # one pass, however many
         encoding = tiktoken.Encoding("lmforge", pat_str=regex, mergeable_ranks=ranks, special_tokens={})
-        fast = cls(encoding, ids, added, tokenizer)
+        fast = cls(encoding, ids, added, tokenizer, normal_form)
         if not spec["model"].get("ignore_merges"):
             fast._check_whole_tokens(ranks, backend.model, char_of)
         return fast
@@ -118,7 +130,10 @@ class FastBPE:
         """The tokenizer's ids of each text, without special tokens (as `tokenizer(texts)["input_ids"]`)."""
         out: list[list[int] | None] = [None] * len(texts)
         odd = self._with_added(texts)
-        for i, text in enumerate(texts):
+        normal = [unicodedata.normalize(self.normal_form, t) for t in texts] if self.normal_form else texts
+        if normal is not texts:  # an added token may be matched in the normalized text too
+            odd |= self._with_added(normal)
+        for i, text in enumerate(normal):
             if i in odd:
                 continue
             ids = self.ids[np.asarray(self.encoding.encode_ordinary(text), dtype=np.int64)]

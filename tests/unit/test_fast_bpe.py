@@ -66,7 +66,7 @@ def with_backend(tokenizer, change):
 
 
 @pytest.mark.parametrize("change, why", [
-    (lambda b: setattr(b, "normalizer", normalizers.NFKC()), "it normalizes text \\(NFKC\\)"),
+    (lambda b: setattr(b, "normalizer", normalizers.Lowercase()), "it normalizes text \\(Lowercase\\)"),
     (lambda b: setattr(b, "pre_tokenizer", pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])),
      "is not a byte-level regex split"),
@@ -80,6 +80,19 @@ def test_a_tokenizer_tiktoken_cannot_reproduce_keeps_its_own_bpe(smol_tokenizer,
     with caplog.at_level(logging.INFO):
         assert fast_bpe.fast_bpe(other, TEXTS) is None
     assert "tokenizing with the tokenizer itself" in caplog.text
+
+
+@pytest.mark.parametrize("form", ["NFC", "NFKC"])
+def test_a_unicode_normalizer_is_applied_first(llama3_tokenizer, form):
+    """Qwen2's tokenizer is Llama 3's shape with an NFC normalizer: composed and decomposed accents, ligatures,
+    full-width and circled characters, and an added token's text that only normalization forms."""
+    other = with_backend(llama3_tokenizer, lambda b: setattr(b, "normalizer", getattr(normalizers, form)()))
+    texts = [*TEXTS, "cafe\u0301 vs caf\u00e9, \ufb01nance \u2460\u2461 \uff28\uff45\uff4c\uff4c\uff4f \u212b",
+             "A\u030a ring, \u1e9b\u0323 long s", "full-width \uff1c|begin_of_text|\uff1e markers"]
+    fast = FastBPE.build(other)
+    assert fast.normal_form == form
+    assert fast.encode(texts) == tokenizer_ids(other, texts)
+    assert tokenizer_ids(other, texts[-3:-1]) != tokenizer_ids(llama3_tokenizer, texts[-3:-1])  # it does normalize
 
 
 def test_a_bpe_that_splits_its_own_token_is_refused(smol_tokenizer):
