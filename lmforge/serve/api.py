@@ -343,3 +343,6 @@ def run_api(model_args: ModelArguments, gen: GenerationArguments, args: ApiArgum
     print(f"serving {server.name} at http://{host}:{port}/v1 (Ctrl+C to stop)", flush=True)
     config = uvicorn.Config(create_app(server), log_level="info", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
+    # uvicorn serves until a signal stops it, then raises that signal again once shut down; under load the
+    # SIGINT it raises can land as asyncio's cancel of a task that has already finished, and run() returns
+    raise KeyboardInterrupt

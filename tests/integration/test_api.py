@@ -288,3 +288,11 @@ def test_cli_serves_on_the_port_from_the_environment(tiny_llama_dir, tmp_path):
     output = (tmp_path / "server.log").read_text()
     assert f"serving {name} at http://127.0.0.1:{port}/v1" in output
     assert code == 130 and "Traceback" not in output
+
+
+def test_a_stop_that_uvicorn_swallows_still_exits_as_interrupted(tiny_llama_dir, monkeypatch, capsys):
+    """Under load the SIGINT uvicorn raises again after its shutdown can be lost in asyncio's runner, and
+    Server.run returns as if nothing happened: `lmforge api` still exits 130, saying it was interrupted."""
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    code = main(["api", "--model_name_or_path", str(tiny_llama_dir), "--api_port", "0"])
+    assert code == 130 and "lmforge: interrupted" in capsys.readouterr().err
