@@ -5,8 +5,8 @@ the offsets and alignments of every piece, which shards never use; tiktoken spli
 merges by the same ranks without them (bench/RESULTS.md has the figures). It stands in only where it gives
 the tokenizer's own ids:
 
-- the tokenizer is a byte-level BPE, pre-tokenized by the GPT-2 regex (GPT-2, SmolLM2) or by one Split regex
-  before a regex-free byte level (Llama 3, Qwen2), with no dropout or byte fallback, and no normalizer but
+- the tokenizer is a byte-level BPE, pre-tokenized by the GPT-2 regex (GPT-2), with each digit split off
+  first (SmolLM2), or by one Split regex before a regex-free byte level (Llama 3, Qwen2), with no dropout or byte fallback, and no normalizer but
   NFC or NFKC (Qwen2's NFC is applied to the text first, by Python's unicodedata);
   tiktoken's ranks are the merges' order, the first merge forming a token giving it its rank;
 - a text holding an added token's text goes to the tokenizer itself (it matches those before its BPE), as
@@ -34,6 +34,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 NORMAL_FORMS = ("NFC", "NFKC")  # normalizers Python's unicodedata applies as tokenizers does
 GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Digits(individual_digits) then the GPT-2 regex (SmolLM2's tokenizer.json): each digit alone, and the regex
+# run on the text between digits, where a digit ends a stretch as the end of the text does for \s+(?!\S)
+GPT2_DIGITS_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
 PROBE = ("Hello world! It's 2026: don't we'll they've I'm you'd 12345 3.14159 -42 ids[0] += x**2;\n\n"
          "    def f(a, b):\n\treturn a  +  b   \r\n  trailing spaces   \n"
          "Ünïcödé naïve café — “quotes” ‘single’ … 日本語のテキスト 中文文本 한국어 텍스트 Ελληνικά Русский текст "
@@ -44,11 +47,18 @@ class Unsupported(Exception):
     """Why tiktoken cannot stand in for a tokenizer."""
 
 
+def _gpt2_level(pre: dict[str, Any]) -> bool:
+    return pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+
+
 def _split_regex(pre: dict[str, Any] | None) -> str:
     """The one regex that splits text into pieces, from a tokenizers pre_tokenizer description."""
-    if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+    if pre and _gpt2_level(pre):
         return GPT2_REGEX
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else []
+    if (len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits")
+            and _gpt2_level(steps[1])):
+        return GPT2_DIGITS_REGEX
     if len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel":
         split, level = steps
         if ("Regex" in split.get("pattern", {}) and split.get("behavior") == "Isolated" and not split.get("invert")

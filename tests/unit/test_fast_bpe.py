@@ -68,7 +68,7 @@ def with_backend(tokenizer, change):
 @pytest.mark.parametrize("change, why", [
     (lambda b: setattr(b, "normalizer", normalizers.Lowercase()), "it normalizes text \\(Lowercase\\)"),
     (lambda b: setattr(b, "pre_tokenizer", pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])),
+        pre_tokenizers.Digits(individual_digits=False), pre_tokenizers.ByteLevel(add_prefix_space=False)])),
      "is not a byte-level regex split"),
     (lambda b: setattr(b, "pre_tokenizer", pre_tokenizers.ByteLevel(add_prefix_space=True)),
      "is not a byte-level regex split"),
@@ -80,6 +80,19 @@ def test_a_tokenizer_tiktoken_cannot_reproduce_keeps_its_own_bpe(smol_tokenizer,
     with caplog.at_level(logging.INFO):
         assert fast_bpe.fast_bpe(other, TEXTS) is None
     assert "tokenizing with the tokenizer itself" in caplog.text
+
+
+def test_digits_split_off_first_as_smollm2s_tokenizer_json_does(smol_tokenizer):
+    """The hub's SmolLM2 tokenizer isolates each digit before the GPT-2 regex: whitespace before a digit ends
+    its stretch as the end of the text would."""
+    other = with_backend(smol_tokenizer, lambda b: setattr(b, "pre_tokenizer", pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])))
+    texts = [*TEXTS, "a  1 b\n 2\t\t3   x", "3.14 1e-5 2026-12-02 12ab34 '5 x'99", "\u2460\u2461 \u0663\u0664 \u216b",
+             "  42  ", "\n\n7\n\n"]
+    fast = FastBPE.build(other)
+    assert fast.encoding._pat_str == fast_bpe.GPT2_DIGITS_REGEX
+    assert fast.encode(texts) == tokenizer_ids(other, texts)
+    assert tokenizer_ids(other, texts[-5:]) != tokenizer_ids(smol_tokenizer, texts[-5:])  # digits do split
 
 
 @pytest.mark.parametrize("form", ["NFC", "NFKC"])
