@@ -383,7 +383,7 @@ def write_shards(specs_by_split: dict[str, list[Any]], path: Path, tokenizer: An
     reused = {t: i for t in tasks if not overwrite and (i := finished_index(t, folders[t.split], job)) is not None}
     todo = [t for t in tasks if t not in reused]
     if todo:
-        job = replace(job, encoder=fast_bpe(tokenizer, next(read_documents(todo[0]), ([],))[0]))
+        job = replace(job, encoder=fast_bpe(tokenizer, _sample(todo)))
     meter = _Meter(sum(t.end - t.start for t in todo), disable=not progress_bar or not todo)
     try:
         written = _run(todo, folders, job, workers, meter)
@@ -401,6 +401,13 @@ def write_shards(specs_by_split: dict[str, list[Any]], path: Path, tokenizer: An
     _write_manifest(path, job, stats, plans, indexes, report)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _sample(tasks: list[ShardTask]) -> list[str]:
+    """The first batch of documents of the first line-cut task: what fast_bpe checks before the run (a JSON
+    array file is read whole, so it is left to its worker)."""
+    task = next((t for t in tasks if t.kind != "json-array"), None)
+    return next(read_documents(task), ([],))[0] if task is not None else []
 
 
 def _write_manifest(path: Path, job: ShardJob, stats: dict[str, Any], plans: dict[str, Any],

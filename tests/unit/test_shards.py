@@ -96,10 +96,14 @@ def test_a_process_pool_writes_the_same_shards(corpus, smol_tokenizer):
             assert (corpus / "serial" / "train" / name).read_bytes() == (corpus / "pool" / "train" / name).read_bytes()
 
 
-def test_a_json_array_file_is_one_shard(tmp_path, smol_tokenizer):
+def test_a_json_array_file_is_one_shard(tmp_path, smol_tokenizer, monkeypatch):
     (tmp_path / "c.json").write_text(json.dumps([{"text": t} for t in DOCS[:3]], indent=2))
+    reads = []
+    real = shards.read_documents
+    monkeypatch.setattr(shards, "read_documents", lambda task: reads.append(task.kind) or real(task))
     shards.write_shards(specs(tmp_path, "c.json"), tmp_path / "tok", smol_tokenizer, every=50, progress_bar=False)
     assert [[t] for t in stream(tmp_path / "tok").tolist()] == expected_stream(smol_tokenizer, DOCS[:3])
+    assert reads == ["json-array"]  # read whole once, by its writer: fast_bpe's check samples no array file
 
 
 def test_a_rerun_with_everything_present_reads_no_input(corpus, smol_tokenizer, monkeypatch):
