@@ -1,4 +1,4 @@
-"""A tokenizer's byte-level BPE run by tiktoken: the same ids, 3-7x faster per core, for pt corpora.
+"""A tokenizer's byte-level BPE run by tiktoken: the same ids, 3-8x faster per core, for pt corpora.
 
 Tokenizing a corpus into shards spends nearly all its time in the tokenizer. Hugging Face tokenizers tracks
 the offsets and alignments of every piece, which shards never use; tiktoken splits with the same regex and
