@@ -138,7 +138,11 @@ class FastBPE:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """The tokenizer's ids of each text, without special tokens (as `tokenizer(texts)["input_ids"]`)."""
-        out: list[list[int] | None] = [None] * len(texts)
+        return [ids.tolist() for ids in self.encode_arrays(texts)]
+
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """`encode`'s ids as int64 arrays: shards are written from them without a Python int per token."""
+        out: list[np.ndarray | None] = [None] * len(texts)
         odd = self._with_added(texts)
         normal = [unicodedata.normalize(self.normal_form, t) for t in texts] if self.normal_form else texts
         if normal is not texts:  # an added token may be matched in the normalized text too
@@ -150,13 +154,13 @@ class FastBPE:
             if (ids < 0).any():
                 odd.add(i)
             else:
-                out[i] = ids.tolist()
+                out[i] = ids
         if odd:
             order = sorted(odd)
             slow = self.tokenizer([texts[i] for i in order], add_special_tokens=False,
                                   return_attention_mask=False)["input_ids"]
             for i, ids in zip(order, slow):
-                out[i] = ids
+                out[i] = np.asarray(ids, dtype=np.int64)
         return out  # type: ignore[return-value]
 
     def _with_added(self, texts: list[str]) -> set[int]:

@@ -126,9 +126,12 @@ def encode_documents(texts: list[str], job: ShardJob) -> np.ndarray:
     texts = [t for t in texts if t]
     if not texts:
         return np.empty(0, dtype=job.dtype)
-    encoded = (job.encoder.encode(texts) if job.encoder is not None else
-               job.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"])
     bos, eos = job.bos, job.eos
+    if job.encoder is not None:  # arrays from tiktoken: joined in numpy
+        bos_ids, eos_ids = np.asarray(bos, dtype=np.int64), np.asarray(eos, dtype=np.int64)
+        parts = [part for ids in job.encoder.encode_arrays(texts) for part in (bos_ids, ids, eos_ids)]
+        return np.concatenate(parts).astype(job.dtype)
+    encoded = job.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     total = sum(map(len, encoded)) + len(encoded) * (len(bos) + len(eos))
     return np.fromiter(chain.from_iterable(x for ids in encoded for x in (bos, ids, eos)), job.dtype, total)
 
