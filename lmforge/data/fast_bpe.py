@@ -5,16 +5,16 @@ the offsets and alignments of every piece, which shards never use; tiktoken spli
 merges by the same ranks without them (bench/RESULTS.md has the figures). It stands in only where it gives
 the tokenizer's own ids:
 
-- the tokenizer is a byte-level BPE, pre-tokenized by the GPT-2 regex (GPT-2), with each digit split off
-  first (SmolLM2), or by one Split regex before a regex-free byte level (Llama 3, Qwen2), with no dropout or byte fallback, and no normalizer but
-  NFC or NFKC (Qwen2's NFC is applied to the text first, by Python's unicodedata);
+- the tokenizer is a byte-level BPE pre-tokenized by the GPT-2 regex (GPT-2), by it with each digit split
+  off first (SmolLM2), or by one Split regex before a regex-free byte level (Llama 3, Qwen2); with no dropout
+  or byte fallback, and no normalizer but NFC or NFKC (Qwen2's NFC, applied first by Python's unicodedata);
   tiktoken's ranks are the merges' order, the first merge forming a token giving it its rank;
 - a text holding an added token's text goes to the tokenizer itself (it matches those before its BPE), as
   does one where tiktoken forms a token the vocabulary lacks;
 - tiktoken looks a whole piece up before merging, as BPE with `ignore_merges` does: for a tokenizer without
   it, every token tiktoken can form must be one the tokenizer's BPE forms from its own text;
-- before a run both encode a probe text and the run's first batch; any difference and the run uses the
-  tokenizer itself, with a warning.
+- before a run both encode a probe text and the first batch of the run's first line-cut input; any
+  difference and the run uses the tokenizer itself, with a warning.
 
 LMFORGE_FAST_BPE=0 turns it off.
 """

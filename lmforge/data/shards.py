@@ -16,8 +16,9 @@ Layout of tokenized_path:
     validation/...       the same for eval_dataset
 
 Writing: each input file is cut at line starts into tasks of about SPLIT_BYTES (a JSON array file is one task;
-shard_input.py plans them and reads their documents); a process pool of preprocessing_num_workers turns each task
-into one shard, tokenizing BATCH_BYTES of text at a time and appending to its file, so memory does not grow with the corpus. A shard is written under a hidden
+shard_input.py plans them and reads their documents); a process pool of preprocessing_num_workers turns each
+task into one shard, tokenizing BATCH_BYTES of text at a time (through tiktoken where fast_bpe.py allows) and
+appending to its file, so memory does not grow with the corpus. A shard is written under a hidden
 `.NNNNN.bin.tmp` name and renamed when whole, its index after it: a killed run keeps its finished shards and the
 next run redoes only the rest, and a run that finds the manifest matching the inputs' size and mtime returns
 without reading them.
